@@ -1,0 +1,32 @@
+"""Flags and helpers shared by subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from medgem.notice import NOTICE
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--model / --dtype / --device, defaulting to the embedded model and MEDGEM_* variables."""
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("MEDGEM_MODEL"),
+        help="HF folder, .gguf file or hub id (default: the embedded Gemma 3 270M)",
+    )
+    parser.add_argument("--mmproj", default=None, help="llama.cpp mmproj GGUF with the vision tower")
+    parser.add_argument("--dtype", default=os.environ.get("MEDGEM_DTYPE"), choices=["float32", "bfloat16"])
+    parser.add_argument("--device", default=os.environ.get("MEDGEM_DEVICE", "cpu"))
+
+
+def load_from_args(args: argparse.Namespace):
+    """The pipeline named by the model flags."""
+    import medgem
+
+    return medgem.load(args.model, mmproj=args.mmproj, dtype=args.dtype, device=args.device)
+
+
+def print_notice() -> None:
+    print(f"[{NOTICE}]", file=sys.stderr)

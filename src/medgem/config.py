@@ -1,0 +1,262 @@
+"""Model configurations.
+
+One dataclass per tower. Presets cover the published sizes; `from_hf_config` reads config.json in
+both the transformers 4.5x format (`rope_theta`, `rope_local_base_freq`, `rope_scaling`,
+`sliding_window_pattern`) and the 5.x one (`rope_parameters`, `layer_types`), including the
+`text_config` of a multimodal config; `from_gguf_metadata` reads llama.cpp's keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from medgem.errors import ConfigError
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+
+
+def gemma3_layer_types(num_layers: int, pattern: int = 6) -> list[str]:
+    """Gemma 3's layout: every `pattern`-th layer is global, the rest slide (5 local to 1 global)."""
+    return [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(num_layers)]
+
+
+@dataclass
+class TextConfig:
+    """The Gemma 3 decoder. Field names follow transformers so configs map one to one."""
+
+    vocab_size: int = 262_144
+    hidden_size: int = 640
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 18
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 1
+    head_dim: int = 256
+    query_pre_attn_scalar: float = 256
+    rms_norm_eps: float = 1e-6
+    sliding_window: int = 512
+    layer_types: list[str] = field(default_factory=lambda: gemma3_layer_types(18))
+    rope_theta: float = 1_000_000.0  # global layers
+    rope_local_base_freq: float = 10_000.0  # sliding layers
+    rope_scaling_factor: float = 1.0  # linear scaling, global layers only
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    max_position_embeddings: int = 32_768
+    bos_token_id: int = 2
+    eos_token_ids: tuple[int, ...] = (1, 106)
+    pad_token_id: int = 0
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ConfigError(
+                f"config lists {len(self.layer_types)} layer_types for {self.num_hidden_layers} layers"
+            )
+        bad = set(self.layer_types) - {SLIDING, FULL}
+        if bad:
+            raise ConfigError(f"unknown layer type(s) {sorted(bad)}; expected {SLIDING!r} or {FULL!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        self.eos_token_ids = tuple(self.eos_token_ids)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _text_preset(layers: int, hidden: int, ffn: int, heads: int, kv: int, head_dim: int, **kw: Any) -> TextConfig:
+    return TextConfig(
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=head_dim,
+        layer_types=gemma3_layer_types(layers),
+        **kw,
+    )
+
+
+# Text towers of the published checkpoints (google/gemma-3-*, google/medgemma-*).
+TEXT_PRESETS: dict[str, TextConfig] = {
+    "270m": _text_preset(18, 640, 2048, 4, 1, 256, sliding_window=512, max_position_embeddings=32_768),
+    "1b": _text_preset(26, 1152, 6912, 4, 1, 256, sliding_window=512, max_position_embeddings=32_768),
+    "4b": _text_preset(
+        34, 2560, 10240, 8, 4, 256, sliding_window=1024, max_position_embeddings=131_072,
+        rope_scaling_factor=8.0, vocab_size=262_208,
+    ),
+    "27b": _text_preset(
+        62, 5376, 21504, 32, 16, 128, query_pre_attn_scalar=168, sliding_window=1024,
+        max_position_embeddings=131_072, rope_scaling_factor=8.0, vocab_size=262_208,
+    ),
+}
+
+
+def tiny_text_config(**overrides: Any) -> TextConfig:
+    """A small config with both layer types, GQA and a short window: for tests and examples."""
+    base = dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=7, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+        layer_types=gemma3_layer_types(7), max_position_embeddings=256, rope_scaling_factor=2.0,
+    )
+    base.update(overrides)
+    if "num_hidden_layers" in overrides and "layer_types" not in overrides:
+        base["layer_types"] = gemma3_layer_types(base["num_hidden_layers"])
+    return TextConfig(**base)
+
+
+def _rope_from_hf(d: dict[str, Any]) -> tuple[float, float, float]:
+    """(global theta, local theta, linear factor) from either config format."""
+    params = d.get("rope_parameters")
+    if isinstance(params, dict) and (FULL in params or SLIDING in params):  # transformers 5.x
+        full = params.get(FULL) or {}
+        local = params.get(SLIDING) or {}
+        scaling = full
+    else:
+        full = {"rope_theta": d.get("rope_theta")}
+        local = {"rope_theta": d.get("rope_local_base_freq")}
+        scaling = d.get("rope_scaling") or (params if isinstance(params, dict) else {}) or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ("default", "linear"):
+        raise ConfigError(f"rope scaling type {kind!r} is not supported (only 'default' and 'linear')")
+    factor = float(scaling.get("factor", 1.0)) if kind == "linear" else 1.0
+    return (
+        float(full.get("rope_theta") or 1_000_000.0),
+        float(local.get("rope_theta") or 10_000.0),
+        factor,
+    )
+
+
+def from_hf_config(d: dict[str, Any]) -> TextConfig:
+    """The text config from a config.json dict (a Gemma3ForCausalLM or a multimodal Gemma3 config)."""
+    if "text_config" in d:
+        d = dict(d["text_config"] or {})
+    if d.get("model_type") not in (None, "gemma3_text", "gemma3", "gemma2", "gemma"):
+        raise ConfigError(f"model_type {d.get('model_type')!r} is not a Gemma 3 text model")
+    defaults = TextConfig()
+    layers = int(d.get("num_hidden_layers", 26))
+    layer_types = d.get("layer_types") or gemma3_layer_types(layers, int(d.get("sliding_window_pattern", 6)))
+    global_theta, local_theta, factor = _rope_from_hf(d)
+    eos = d.get("eos_token_id", 1)
+    eos_ids = tuple(eos) if isinstance(eos, list) else (eos, 106)
+    head_dim = int(d.get("head_dim", 256))
+    try:
+        return TextConfig(
+            vocab_size=int(d.get("vocab_size", 262_208)),
+            hidden_size=int(d.get("hidden_size", 2304)),
+            intermediate_size=int(d.get("intermediate_size", 9216)),
+            num_hidden_layers=layers,
+            num_attention_heads=int(d.get("num_attention_heads", 8)),
+            num_key_value_heads=int(d.get("num_key_value_heads", 4)),
+            head_dim=head_dim,
+            query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", head_dim)),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            sliding_window=int(d.get("sliding_window") or 4096),
+            layer_types=list(layer_types),
+            rope_theta=global_theta,
+            rope_local_base_freq=local_theta,
+            rope_scaling_factor=factor,
+            attn_logit_softcapping=d.get("attn_logit_softcapping"),
+            final_logit_softcapping=d.get("final_logit_softcapping"),
+            max_position_embeddings=int(d.get("max_position_embeddings", 131_072)),
+            bos_token_id=int(d.get("bos_token_id", 2) or 2),
+            eos_token_ids=eos_ids,
+            pad_token_id=int(d.get("pad_token_id", 0) or 0),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", defaults.tie_word_embeddings)),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config.json has a field of the wrong type: {exc}") from exc
+
+
+def to_hf_config(cfg: TextConfig) -> dict[str, Any]:
+    """A transformers 5.x `Gemma3TextConfig` dict, for exports that transformers loads."""
+    full_rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling_factor != 1.0:
+        full_rope = {"rope_type": "linear", "factor": cfg.rope_scaling_factor, "rope_theta": cfg.rope_theta}
+    return {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "sliding_window": cfg.sliding_window,
+        "layer_types": cfg.layer_types,
+        "rope_parameters": {FULL: full_rope, SLIDING: {"rope_type": "default", "rope_theta": cfg.rope_local_base_freq}},
+        "attn_logit_softcapping": cfg.attn_logit_softcapping,
+        "final_logit_softcapping": cfg.final_logit_softcapping,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": list(cfg.eos_token_ids),
+        "pad_token_id": cfg.pad_token_id,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "hidden_activation": "gelu_pytorch_tanh",
+    }
+
+
+def from_gguf_metadata(meta: dict[str, Any]) -> TextConfig:
+    """The text config from GGUF key/values (llama.cpp's `gemma3.*` keys)."""
+    arch = meta.get("general.architecture")
+    if arch not in ("gemma3", "gemma3_text"):
+        raise ConfigError(f"GGUF architecture {arch!r} is not gemma3")
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ConfigError(f"GGUF metadata lacks {arch}.{key}")
+        return value
+
+    layers = int(get("block_count"))
+    heads = int(get("attention.head_count"))
+    head_dim = int(get("attention.key_length"))
+    pattern = int(meta.get(f"{arch}.attention.sliding_window_pattern", 6) or 6)
+    scaling_type = meta.get(f"{arch}.rope.scaling.type")
+    factor = float(meta.get(f"{arch}.rope.scaling.factor", 1.0)) if scaling_type == "linear" else 1.0
+    vocab = meta.get("tokenizer.ggml.tokens_count") or len(meta.get("tokenizer.ggml.tokens", ())) or 262_144
+    eos = int(meta.get("tokenizer.ggml.eos_token_id", 1))
+    return TextConfig(
+        vocab_size=int(vocab),
+        hidden_size=int(get("embedding_length")),
+        intermediate_size=int(get("feed_forward_length")),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=int(get("attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        # llama.cpp stores no query_pre_attn_scalar; every Gemma 3 size but 27B uses head_dim.
+        query_pre_attn_scalar=float(meta.get(f"{arch}.attention.query_pre_attn_scalar", 0) or (
+            168 if int(get("embedding_length")) == 5376 else head_dim)),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        sliding_window=int(get("attention.sliding_window", 4096)),
+        layer_types=gemma3_layer_types(layers, pattern),
+        rope_theta=float(get("rope.freq_base", 1_000_000.0)),
+        rope_local_base_freq=float(meta.get(f"{arch}.rope.local.freq_base", 10_000.0) or 10_000.0),
+        rope_scaling_factor=factor,
+        attn_logit_softcapping=meta.get(f"{arch}.attn_logit_softcapping"),
+        final_logit_softcapping=meta.get(f"{arch}.final_logit_softcapping"),
+        max_position_embeddings=int(get("context_length", 32_768)),
+        bos_token_id=int(meta.get("tokenizer.ggml.bos_token_id", 2)),
+        eos_token_ids=(eos, 106),
+        pad_token_id=int(meta.get("tokenizer.ggml.padding_token_id", 0)),
+    )
+
+
+__all__ = [
+    "FULL",
+    "SLIDING",
+    "TEXT_PRESETS",
+    "TextConfig",
+    "from_gguf_metadata",
+    "from_hf_config",
+    "gemma3_layer_types",
+    "replace",
+    "tiny_text_config",
+    "to_hf_config",
+]
