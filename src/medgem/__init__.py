@@ -3,8 +3,23 @@
 Not a medical device: outputs need review by a qualified healthcare professional.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from medgem.notice import NOTICE
+
+if TYPE_CHECKING:
+    from medgem.pipeline import Pipeline
 
 __version__ = "0.1.0"
 
-__all__ = ["NOTICE", "__version__"]
+
+def load(src=None, **kwargs) -> Pipeline:
+    """Load a model (see `medgem.pipeline.load`); imported lazily so `medgem --help` stays fast."""
+    from medgem.pipeline import load as _load
+
+    return _load(src, **kwargs)
+
+
+__all__ = ["NOTICE", "__version__", "load"]

@@ -1,0 +1,163 @@
+"""`medgem.load()`: a model, its tokenizer and the generation engine behind one object.
+
+The faces (CLI, server, eval, EHR) all go through `Pipeline`, so prompt handling, limits and
+accounting live in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medgem.config import TextConfig
+from medgem.engine.generate import Completion, Generator
+from medgem.engine.sampling import SamplingParams
+from medgem.errors import CapabilityError, CheckpointError, InputError
+from medgem.processing.tokenizer import Tokenizer, render_chat
+from medgem.weights import embedded_gguf, load_text_model, medgem_home
+
+log = logging.getLogger(__name__)
+
+Prompt = str | list[dict[str, Any]]
+
+
+def _has_images(messages: list[dict[str, Any]]) -> bool:
+    return any(
+        isinstance(part, dict) and part.get("type") in ("image", "image_url")
+        for msg in messages
+        if isinstance(msg, dict) and isinstance(msg.get("content"), list)
+        for part in msg["content"]
+    )
+
+
+def resolve_source(src: str | Path | None) -> Path:
+    """A local path for a model source: None (embedded default), a folder, a .gguf, or a hub id."""
+    if src is None:
+        return embedded_gguf()
+    path = Path(src).expanduser()
+    if path.exists():
+        return path
+    if isinstance(src, str) and src.count("/") == 1 and not src.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
+        except Exception as exc:  # noqa: BLE001 - no hub library, no network, gated repo: all the same to the user
+            raise CheckpointError(
+                f"model {src!r} is not a local path and could not be fetched from a hub ({type(exc).__name__}); "
+                "download it elsewhere and pass the folder"
+            ) from exc
+    raise CheckpointError(f"model not found: {src} (expected an HF folder, a .gguf file or a hub id)")
+
+
+class Pipeline:
+    """A loaded model with `generate`, `generate_batch`, `stream`, `complete` and `score`."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, text_config: TextConfig, source: str,
+                 load_seconds: float = 0.0):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = text_config
+        self.source = source
+        self.load_seconds = load_seconds
+        self.engine = Generator(model, text_config, lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                                tokenizer.stop_ids, tokenizer.pad_id)
+
+    @property
+    def supports_images(self) -> bool:
+        return hasattr(self.model, "prepare_embeds")
+
+    # -- prompts --------------------------------------------------------------------------------------
+    def prompt_ids(self, prompt: Prompt, raw: bool = False, system: str | None = None) -> list[int]:
+        """Token ids for a plain string (chat-wrapped unless raw) or a list of chat messages."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise InputError("prompt is empty")
+            if raw:
+                if system:
+                    raise InputError("--system needs the chat template; drop --raw")
+                return self.tokenizer.encode(prompt, add_bos=True)
+            messages: list[dict[str, Any]] = [{"role": "user", "content": prompt}]
+            if system:
+                messages.insert(0, {"role": "system", "content": system})
+            return self.tokenizer.encode(render_chat(messages), add_bos=False)
+        if isinstance(prompt, list):
+            if _has_images(prompt) and not self.supports_images:
+                raise CapabilityError(
+                    f"model {self.source} has no vision tower, so it cannot read images; load a multimodal "
+                    "MedGemma checkpoint (e.g. a google/medgemma-4b-it folder, or a GGUF with --mmproj)"
+                )
+            if system:
+                prompt = [{"role": "system", "content": system}, *prompt]
+            return self.tokenizer.encode(render_chat(prompt), add_bos=False)
+        raise InputError(f"prompt must be a string or a list of messages, got {type(prompt).__name__}")
+
+    @staticmethod
+    def sampling(**kwargs: Any) -> SamplingParams:
+        stop = kwargs.pop("stop", None) or ()
+        return SamplingParams(stop=tuple([stop] if isinstance(stop, str) else stop), **kwargs)
+
+    # -- generation -----------------------------------------------------------------------------------
+    def complete(self, prompts: list[Prompt], *, raw: bool = False, system: str | None = None,
+                 **sampling: Any) -> list[Completion]:
+        """Completions with token counts and timings, one per prompt, batched."""
+        params = self.sampling(**sampling)
+        ids = [self.prompt_ids(p, raw, system) for p in prompts]
+        return self.engine.run(ids, [params] * len(ids))
+
+    def generate(self, prompt: Prompt, **kwargs: Any) -> str:
+        return self.complete([prompt], **kwargs)[0].text
+
+    def generate_batch(self, prompts: list[Prompt], **kwargs: Any) -> list[str]:
+        return [c.text for c in self.complete(prompts, **kwargs)]
+
+    def stream(self, prompt: Prompt, *, raw: bool = False, system: str | None = None,
+               **sampling: Any) -> Iterator[str]:
+        """Text pieces as they are generated; `self.last_completion` holds the accounting afterwards."""
+        params = self.sampling(**sampling)
+        ids = self.prompt_ids(prompt, raw, system)
+        for event in self.engine.stream([ids], [params]):
+            if event.text:
+                yield event.text
+            if event.done:
+                self.last_completion = event.completion
+
+    # -- scoring --------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, prompt: str, continuations: list[str]) -> list[float]:
+        """Sum of log-probabilities of each continuation after a raw prompt (for multiple choice)."""
+        context = self.tokenizer.encode(prompt, add_bos=True)
+        scores = []
+        for cont in continuations:
+            cont_ids = self.tokenizer.encode(cont, add_bos=False)
+            if not cont_ids:
+                raise InputError("an answer option is empty")
+            ids = torch.tensor([context + cont_ids])
+            logprobs = torch.log_softmax(self.model(ids)[0, len(context) - 1:-1], dim=-1)
+            scores.append(float(logprobs.gather(-1, torch.tensor(cont_ids)[:, None]).sum()))
+        return scores
+
+
+def load(src: str | Path | None = None, *, mmproj: str | Path | None = None, dtype: str | None = None,
+         device: str = "cpu") -> Pipeline:
+    """Load a model: None for the embedded Gemma 3 270M, an HF folder, a .gguf file, or a hub id."""
+    start = time.perf_counter()
+    path = resolve_source(src)
+    if mmproj is not None:
+        raise CapabilityError("--mmproj (vision tower GGUF) is not supported yet")
+    model, info = load_text_model(path, dtype, device)
+    if info["format"] == "gguf":
+        tokenizer = Tokenizer.from_gguf(info["reader"], medgem_home() / "tokenizers")
+    else:
+        tokenizer = Tokenizer.from_folder(path)
+    name = "embedded Gemma 3 270M (general, not medical)" if src is None else str(src)
+    log.info("loaded %s in %.1f s", name, time.perf_counter() - start)
+    return Pipeline(model, tokenizer, model.config, name, time.perf_counter() - start)
+
+
+__all__ = ["Pipeline", "load", "resolve_source"]
