@@ -15,7 +15,7 @@ import sys
 from medgem.errors import MedgemError
 
 # Module names under medgem.cli, in the order `medgem --help` lists them.
-SUBCOMMANDS = ["generate"]
+SUBCOMMANDS = ["generate", "dicom", "eval", "ehr"]
 
 
 def build_parser() -> argparse.ArgumentParser:
