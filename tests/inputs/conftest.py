@@ -1,0 +1,119 @@
+"""Real medical files for the inputs tests: pydicom-data / pydicom test DICOMs, scikit-image photos,
+and CT series folders built from a real CT slice (only position, numbering and a HU offset change)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+import medgem.cli
+
+
+@pytest.fixture(scope="session")
+def identifiers() -> list[str]:
+    """Identifying values written in the test files; none may reach a summary, log or message."""
+    return [
+        "CompressedSamples",
+        "9RG1",
+        "26210",
+        "1CT1",
+        "4MR1",
+        "13US1",
+        "CQ500-CT-310",  # names and IDs
+        "JFK IMAGING CENTER",
+        "Philips Medical Systems Hamburg",
+        "BAPTIST MED CTR",  # institutions
+        "Our Department",
+        "THORAVISION",
+        "exam Number",  # department, station, accession
+        "20040826",
+        "19950926",
+        "19400305",  # dates
+    ]
+
+
+@pytest.fixture(scope="session")
+def testfile() -> Callable[[str], str]:
+    """Path of a file from pydicom's test data or pydicom-data, failing loudly if it is missing."""
+
+    def path(name: str) -> str:
+        found = get_testdata_file(name)
+        assert found, f"{name} is not in pydicom's test data"
+        return found
+
+    return path
+
+
+def write_series(
+    folder: Path,
+    count: int,
+    *,
+    geometry: bool = True,
+    orientation: tuple[float, ...] = (1, 0, 0, 0, 1, 0),
+    step: float = 2.5,
+    seed: int = 0,
+) -> dict[int, Path]:
+    """`count` slices of the real CT_small.dcm; slice k sits k*step mm along the normal and is k*10 HU
+    brighter. Files are written in shuffled order under unrelated names, and InstanceNumber runs
+    backwards, so only ImagePositionPatient gives the true order. Returns {k: path}."""
+    base = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    raw = base.pixel_array
+    cosines = np.asarray(orientation, dtype=float)
+    normal = np.cross(cosines[:3], cosines[3:])
+    series_uid = generate_uid()
+    paths = {}
+    for file_index, k in enumerate(np.random.default_rng(seed).permutation(count)):
+        ds = copy.deepcopy(base)
+        ds.PixelData = (raw + 10 * int(k)).astype(raw.dtype).tobytes()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = series_uid
+        if geometry:
+            ds.ImageOrientationPatient = [float(c) for c in orientation]
+            ds.ImagePositionPatient = [
+                round(float(v), 4) for v in np.array([-158.1, -179.0, -75.7]) + k * step * normal
+            ]
+            ds.InstanceNumber = count - int(k)
+        else:
+            del ds.ImagePositionPatient, ds.ImageOrientationPatient
+            ds.InstanceNumber = int(k) + 1
+        paths[int(k)] = folder / f"IM{file_index:05d}"
+        ds.save_as(paths[int(k)])
+    return paths
+
+
+@pytest.fixture
+def series(tmp_path: Path) -> Callable[..., dict[int, Path]]:
+    """Factory: series(count, **options) writes a series into a fresh folder (see write_series)."""
+    made = 0
+
+    def make(count: int, **options) -> dict[int, Path]:
+        nonlocal made
+        made += 1
+        folder = tmp_path / f"series{made}"
+        folder.mkdir()
+        return write_series(folder, count, **options)
+
+    return make
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys) -> Callable[..., tuple[int, str, str]]:
+    """Run the real `medgem` entry point in-process: (exit code, stdout, stderr).
+
+    Only the dicom group is registered, so this area's tests do not depend on other groups' modules.
+    """
+    monkeypatch.setattr(medgem.cli, "SUBCOMMANDS", ["dicom"])
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = medgem.cli.main(list(argv))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
