@@ -104,6 +104,27 @@ def series(tmp_path: Path) -> Callable[..., dict[int, Path]]:
 
 
 @pytest.fixture
+def patched_ct(tmp_path: Path) -> Callable[[dict[str, tuple[str, str]]], Path]:
+    """Factory: CT_small.dcm with header values overwritten byte for byte, so that malformed values
+    (which pydicom refuses to write) reach the reader. Argument: {keyword: (placeholder, raw value)}."""
+
+    def make(edits: dict[str, tuple[str, str]]) -> Path:
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        for keyword, (placeholder, _) in edits.items():
+            setattr(ds, keyword, placeholder)
+        path = tmp_path / "odd.dcm"
+        ds.save_as(path)
+        data = path.read_bytes()
+        for placeholder, raw in edits.values():
+            assert len(placeholder) == len(raw) and data.count(placeholder.encode()) == 1
+            data = data.replace(placeholder.encode(), raw.encode())
+        path.write_bytes(data)
+        return path
+
+    return make
+
+
+@pytest.fixture
 def run_cli(monkeypatch, capsys) -> Callable[..., tuple[int, str, str]]:
     """Run the real `medgem` entry point in-process: (exit code, stdout, stderr).
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +159,22 @@ def test_help_for_every_action(run_cli):
         with pytest.raises(SystemExit) as done:
             run_cli("dicom", *action, "--help")
         assert done.value.code == 0
+
+
+@pytest.mark.parametrize("debug", [[], ["--debug"]])
+def test_a_real_process_prints_no_header_values(patched_ct, identifiers, debug):
+    """Python prints warnings to stderr outside pytest; pydicom's quote values. Run a real process."""
+    odd = patched_ct(
+        {"InstanceNumber": ("12345678", "1 Secret"), "SliceThickness": ("5.00000000", "5mm Secret")}
+    )
+    script = "import sys, medgem.cli as c; c.SUBCOMMANDS = ['dicom']; sys.exit(c.main(sys.argv[1:]))"
+    done = subprocess.run(
+        [sys.executable, "-c", script, *debug, "dicom", "info", str(odd)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "modality" in done.stdout
+    shown = done.stdout + done.stderr
+    assert "Secret" not in shown and not [s for s in identifiers if s in shown]
+    assert ("withheld" in done.stderr) == bool(debug)  # --debug shows that pydicom warned, not what

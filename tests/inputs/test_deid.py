@@ -148,27 +148,9 @@ def test_safe_summary_has_technical_facts_only(testfile, identifiers):
     assert enhanced["frames"] == 2 and enhanced["window_width"] == 102 and enhanced["slice_thickness"] == 10
 
 
-def patched_file(testfile, tmp_path, edits: dict[str, tuple[str, str]]):
-    """CT_small.dcm with header values overwritten byte for byte, so that malformed values (which
-    pydicom refuses to write) reach the reader: {keyword: (placeholder, raw value)}."""
-    ds = pydicom.dcmread(testfile("CT_small.dcm"))
-    for keyword, (placeholder, _) in edits.items():
-        setattr(ds, keyword, placeholder)
-    path = tmp_path / "odd.dcm"
-    ds.save_as(path)
-    data = path.read_bytes()
-    for placeholder, raw in edits.values():
-        assert len(placeholder) == len(raw) and data.count(placeholder.encode()) == 1
-        data = data.replace(placeholder.encode(), raw.encode())
-    path.write_bytes(data)
-    return path
-
-
-def test_logs_and_warnings_carry_no_identifiers(testfile, tmp_path, caplog, capsys, identifiers):
+def test_logs_and_warnings_carry_no_identifiers(testfile, patched_ct, caplog, capsys, identifiers):
     """pydicom validates values lazily and its warnings quote them; none may reach a log or stderr."""
-    odd = patched_file(
-        testfile,
-        tmp_path,
+    odd = patched_ct(
         {"InstanceNumber": ("12345678", "1 Secret"), "SliceThickness": ("5.00000000", "5mm Secret")},
     )
     caplog.set_level(logging.DEBUG)
@@ -185,7 +167,7 @@ def test_logs_and_warnings_carry_no_identifiers(testfile, tmp_path, caplog, caps
     assert not [s for s in identifiers if s in shown]
 
 
-def test_malformed_numbers_are_errors_that_do_not_quote_them(testfile, tmp_path):
-    odd = patched_file(testfile, tmp_path, {"RescaleSlope": ("1.0000001", "Doe Jane1")})
+def test_malformed_numbers_are_errors_that_do_not_quote_them(patched_ct):
+    odd = patched_ct({"RescaleSlope": ("1.0000001", "Doe Jane1")})
     with pytest.raises(InputError, match=r"^odd.dcm: the RescaleSlope header value is not a valid number$"):
         load_dicom(odd)

@@ -2,8 +2,9 @@
 
 What happens to a copy of the dataset (pixels are never touched; burned-in text stays, which is why
 the summary reports BurnedInAnnotation):
-- every person name (any PN element, at any depth) is removed; PatientName and ReferringPhysicianName
-  stay present but empty, as the profile's "Z" action asks for type 2 attributes;
+- every person name (any PN element, at any depth) is removed; the type 2 attributes of `_BLANK`
+  (PatientName, PatientID, PatientBirthDate, PatientSex, ReferringPhysicianName, AccessionNumber,
+  StudyID) stay present but empty, as the profile's "Z" action asks;
 - patient IDs, accession and study numbers, device serials, institution name/address/department,
   addresses, phone numbers, free-text comments and the other attributes in `_REMOVE` are removed;
 - dates and times (DA, DT, TM) are blanked, or dates shifted by a fixed number of days when the
