@@ -260,3 +260,182 @@ __all__ = [
     "tiny_text_config",
     "to_hf_config",
 ]
+
+
+# -- Vision tower and multimodal model --------------------------------------------------------------
+
+
+@dataclass
+class VisionConfig:
+    """A SigLIP ViT. Field names follow transformers' `SiglipVisionConfig`, and so do the defaults, which
+    fill in whatever a config.json leaves out (published vision_configs list only a few fields)."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 16
+    layer_norm_eps: float = 1e-6
+    vision_use_head: bool = False  # the attention-pooling head: MedSigLIP uses it, MedGemma does not
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"vision hidden_size={self.hidden_size} is not a multiple of num_attention_heads="
+                f"{self.num_attention_heads}"
+            )
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.patches_per_side**2
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class MultimodalConfig:
+    """MedGemma / Gemma 3 multimodal: a SigLIP tower, an average-pool + RMSNorm + linear projector, and
+    the Gemma 3 decoder. Each image becomes `mm_tokens_per_image` soft tokens between BOI and EOI."""
+
+    text: TextConfig
+    vision: VisionConfig
+    mm_tokens_per_image: int = 256
+    image_token_id: int = 262_144
+    boi_token_id: int = 255_999
+    eoi_token_id: int = 256_000
+
+    def __post_init__(self) -> None:
+        side = self.tokens_per_side
+        if side * side != self.mm_tokens_per_image:
+            raise ConfigError(f"mm_tokens_per_image={self.mm_tokens_per_image} is not a square number")
+        if self.vision.patches_per_side % side:
+            raise ConfigError(
+                f"{self.vision.patches_per_side}x{self.vision.patches_per_side} patches cannot be average-pooled "
+                f"to {side}x{side} image tokens"
+            )
+
+    @property
+    def tokens_per_side(self) -> int:
+        return round(self.mm_tokens_per_image**0.5)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _so400m(image_size: int, **kw: Any) -> VisionConfig:
+    return VisionConfig(
+        hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+        image_size=image_size, patch_size=14, **kw,
+    )
+
+
+VISION_PRESETS: dict[str, VisionConfig] = {
+    "so400m-896": _so400m(896),  # MedGemma 4B / 27B multimodal and Gemma 3 4B+ vision towers
+    "medsiglip-448": _so400m(448, vision_use_head=True),  # MedSigLIP's image encoder
+}
+
+MULTIMODAL_PRESETS: dict[str, MultimodalConfig] = {
+    size: MultimodalConfig(text=replace(TEXT_PRESETS[size]), vision=replace(VISION_PRESETS["so400m-896"]))
+    for size in ("4b", "27b")
+}
+
+
+def tiny_vision_config(**overrides: Any) -> VisionConfig:
+    """A 28 px, 7 px-patch tower (16 patches): for tests and examples."""
+    base: dict[str, Any] = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
+        patch_size=7,
+    )
+    base.update(overrides)
+    return VisionConfig(**base)
+
+
+def vision_from_hf_config(d: dict[str, Any]) -> VisionConfig:
+    """A `vision_config` block (or a whole SigLIP vision config.json) -> VisionConfig."""
+    if d.get("model_type") not in (None, "siglip_vision_model", "siglip"):
+        raise ConfigError(f"vision model_type {d.get('model_type')!r} is not a SigLIP vision tower")
+    if d.get("hidden_act", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ConfigError(f"vision activation {d.get('hidden_act')!r} is not supported (SigLIP uses tanh-GELU)")
+    defaults = VisionConfig()
+    try:
+        return VisionConfig(**{k: type(getattr(defaults, k))(d[k]) for k in asdict(defaults) if d.get(k) is not None})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"vision_config has a field of the wrong type: {exc}") from exc
+
+
+def is_multimodal_hf_config(d: dict[str, Any]) -> bool:
+    """Whether a config.json describes an image-reading Gemma 3 (not a text-only Gemma3ForCausalLM)."""
+    return d.get("model_type") == "gemma3" or "vision_config" in d
+
+
+def multimodal_from_hf_config(d: dict[str, Any]) -> MultimodalConfig:
+    """A Gemma3ForConditionalGeneration config.json (transformers 4.5x or 5.x) -> MultimodalConfig.
+
+    Token ids are stored as `*_token_index` by both formats; `*_token_id` is accepted as an alias.
+    """
+    if not is_multimodal_hf_config(d):
+        raise ConfigError("config.json has no vision_config: this is a text-only model")
+
+    def token(name: str) -> int:
+        value = d.get(f"{name}_index", d.get(f"{name}_id"))
+        return int(value) if value is not None else MultimodalConfig.__dataclass_fields__[f"{name}_id"].default
+
+    return MultimodalConfig(
+        text=from_hf_config(d),
+        vision=vision_from_hf_config(dict(d.get("vision_config") or {})),
+        mm_tokens_per_image=int(d.get("mm_tokens_per_image") or 256),
+        image_token_id=token("image_token"),
+        boi_token_id=token("boi_token"),
+        eoi_token_id=token("eoi_token"),
+    )
+
+
+def vision_from_gguf_metadata(meta: dict[str, Any]) -> tuple[VisionConfig, int, int]:
+    """llama.cpp's Gemma 3 mmproj metadata (`clip.vision.*`) -> (VisionConfig, mm_tokens_per_image,
+    projection_dim). llama.cpp stores the pooling factor only when it differs from Gemma 3's 4."""
+    if meta.get("general.architecture") != "clip":
+        raise ConfigError(f"GGUF architecture {meta.get('general.architecture')!r} is not an mmproj (clip) file")
+    projector = meta.get("clip.projector_type", meta.get("clip.vision.projector_type"))
+    if projector != "gemma3":
+        raise ConfigError(f"mmproj projector type {projector!r} is not Gemma 3's ('gemma3')")
+
+    def get(key: str) -> Any:
+        if f"clip.vision.{key}" not in meta:
+            raise ConfigError(f"mmproj metadata lacks clip.vision.{key}")
+        return meta[f"clip.vision.{key}"]
+
+    vision = VisionConfig(
+        hidden_size=int(get("embedding_length")),
+        intermediate_size=int(get("feed_forward_length")),
+        num_hidden_layers=int(get("block_count")),
+        num_attention_heads=int(get("attention.head_count")),
+        image_size=int(get("image_size")),
+        patch_size=int(get("patch_size")),
+        layer_norm_eps=float(meta.get("clip.vision.attention.layer_norm_epsilon", 1e-6)),
+    )
+    pool = int(meta.get("clip.vision.projector.scale_factor", 4) or 4)
+    if vision.patches_per_side % pool:
+        raise ConfigError(f"mmproj pooling factor {pool} does not divide {vision.patches_per_side} patches")
+    return vision, (vision.patches_per_side // pool) ** 2, int(get("projection_dim"))
+
+
+__all__ += [
+    "MULTIMODAL_PRESETS",
+    "VISION_PRESETS",
+    "MultimodalConfig",
+    "VisionConfig",
+    "is_multimodal_hf_config",
+    "multimodal_from_hf_config",
+    "tiny_vision_config",
+    "vision_from_gguf_metadata",
+    "vision_from_hf_config",
+]
