@@ -1,4 +1,4 @@
-"""Reading answers out of free-form model text: MCQ letters, yes/no, numbers, normalized tokens.
+"""Reading answers out of free-form model text: MCQ letters, yes/no, normalized tokens.
 
 Models answer "The answer is (B).", "**C**", "Answer: d", "I think it's option A, not B", or just
 the option's text; base models also run on into a made-up next question. `extract_choice` tries
@@ -164,11 +164,3 @@ def closed_match(prediction: str, reference: str) -> bool:
         return first_yes_no(prediction) == gold
     pred = normalize_answer(clean(prediction)).split()
     return bool(gold) and pred[: len(gold.split())] == gold.split()
-
-
-_NUMBER = re.compile(r"(?<![A-Za-z\d.])-?\d+(?:\.\d+)?")  # not the 1 in "HbA1c"; units may follow
-
-
-def first_number(text: str) -> float | None:
-    m = _NUMBER.search(clean(text).replace(",", ""))
-    return float(m.group()) if m else None

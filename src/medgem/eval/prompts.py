@@ -2,7 +2,8 @@
 
 Completion-style text ("...\\nAnswer:") works for base and instruction-tuned models alike; with
 `chat=True` the runner wraps the same text in a user turn. Image tasks are always messages, since
-only messages carry images. `PROMPT_VERSION` goes into each run's settings, so a resumed run never
+only messages carry images. EHR-QA prompts come from `medgem.ehr.qa`, so `medgem ehr ask` and the
+evaluation ask the same way. `PROMPT_VERSION` goes into each run's settings, so a resumed run never
 mixes predictions made under two prompt wordings.
 """
 
@@ -53,8 +54,3 @@ def label_question(item: Item, label: str) -> list[dict[str, Any]]:
 
 def report_messages(item: Item) -> list[dict[str, Any]]:
     return _image_turn(item.image, "Write the findings section of the radiology report for this image.")
-
-
-def ehrqa_prompt(item: Item) -> str:
-    record = f"Patient record:\n{item.context}\n\n" if item.context else ""
-    return f"{record}Question: {item.question}\nAnswer briefly.\nAnswer:"

@@ -34,7 +34,7 @@ from medgem.notice import NOTICE
 
 log = logging.getLogger(__name__)
 
-MAX_NEW_TOKENS = {"mcq": 16, "vqa": 32, "classify": 48, "report": 256, "ehrqa": 48}
+MAX_NEW_TOKENS = {"mcq": 16, "vqa": 32, "classify": 48, "report": 256, "ehrqa": 16}  # ehrqa: as `medgem ehr`
 
 
 @dataclass
@@ -51,13 +51,14 @@ class RunConfig:
     subgroups: list[str] = field(default_factory=list)
     n_boot: int = 1000
     threshold: float = 0.5  # classification decision threshold
+    budget: int = 2048  # EHR-QA: prompt tokens for a record read from a FHIR file
     progress: bool = True
 
     def settings(self, task: Task) -> dict[str, Any]:
         return {
             "task": task.name, "data_sha256": task.sha256(), "model": self.model_name, "method": self.method,
             "max_new_tokens": self.max_new_tokens or MAX_NEW_TOKENS[task.kind], "chat": self.chat,
-            "prompt_version": prompts.PROMPT_VERSION,
+            "prompt_version": prompts.PROMPT_VERSION, **({"budget": self.budget} if task.kind == "ehrqa" else {}),
         }
 
 
@@ -115,18 +116,33 @@ def _text_input(text: str, chat: bool) -> str | list[dict[str, Any]]:
     return [{"role": "user", "content": text}] if chat else text
 
 
-def _generate(model: Any, task: Task, batch: list[Item], cfg: RunConfig) -> list[str]:
+def _ehr_prompt(item: Item, asker: Any) -> str:
+    """The `medgem ehr` prompt: the record (inline, or built from the FHIR file within the budget)."""
+    from medgem.ehr.qa import ANSWER_TYPES, build_prompt
+
+    kind = item.answer_type if item.answer_type in ANSWER_TYPES else None
+    if item.record:
+        return asker.prompt(item.record, item.question, kind)[0]
+    return build_prompt(item.context, item.question, kind)
+
+
+def _generate(model: Any, task: Task, batch: list[Item], cfg: RunConfig, asker: Any = None) -> list[str]:
+    stop: list[str] = []
     if task.kind == "mcq":
         inputs = [_text_input(prompts.mcq_prompt(it), cfg.chat) for it in batch]
+        stop = prompts.MCQ_STOP
     elif task.kind == "ehrqa":
-        inputs = [_text_input(prompts.ehrqa_prompt(it), cfg.chat) for it in batch]
+        from medgem.ehr.qa import STOP
+
+        inputs = [_text_input(_ehr_prompt(it, asker), cfg.chat) for it in batch]
+        stop = STOP
     elif task.kind == "vqa":
         inputs = [prompts.vqa_messages(it) for it in batch]
+        stop = ["\n\n"]
     elif task.kind == "classify":
         inputs = [prompts.classify_messages(it, task.labels, task.multi_label) for it in batch]
     else:
         inputs = [prompts.report_messages(it) for it in batch]
-    stop = prompts.MCQ_STOP if task.kind == "mcq" else ["\n\n"] if task.kind in ("vqa", "ehrqa") else []
     outs = model.generate_batch(
         inputs, max_new_tokens=cfg.max_new_tokens or MAX_NEW_TOKENS[task.kind], temperature=0.0, stop=stop,
         raw=isinstance(inputs[0], str),  # plain text goes in as written, messages through the chat template
@@ -188,6 +204,11 @@ def evaluate(task: Task, model: Any, out_dir: str | Path, cfg: RunConfig | None 
     settings = cfg.settings(task)
     cache = PredictionCache(out, settings)
     todo = [it for it in items if it.id not in cache]
+    asker = None
+    if task.kind == "ehrqa" and any(it.record for it in todo):
+        from medgem.ehr.qa import Asker
+
+        asker = Asker(lambda text: len(model.tokenizer.encode(text, add_bos=False)), cfg.budget)
     log.info("eval %s: %d items, %d cached, %d to run", task.name, len(items), len(items) - len(todo), len(todo))
     started = time.perf_counter()
     with tqdm(total=len(items), initial=len(items) - len(todo), desc=f"eval {task.name}", unit="item",
@@ -195,7 +216,7 @@ def evaluate(task: Task, model: Any, out_dir: str | Path, cfg: RunConfig | None 
         for start in range(0, len(todo), cfg.batch_size):
             batch = todo[start: start + cfg.batch_size]
             if cfg.method == "generate":
-                raw = _generate(model, task, batch, cfg)
+                raw = _generate(model, task, batch, cfg, asker)
             else:
                 raw = [_loglik(model, task, it, cfg) for it in batch]
             cache.add([(it.id, r) for it, r in zip(batch, raw)])

@@ -131,22 +131,12 @@ def score_report(items: list[Item], outputs: list[str]) -> Scored:
                   metrics={"rougeL": metrics.mean_of(rouge), "bleu": metrics.bleu(outputs, refs)})
 
 
-def ehr_correct(output: str, gold: str) -> bool:
-    """Yes/no golds compare the first yes/no; numeric golds the first number; text golds must appear whole."""
-    norm = extract.normalize_answer(gold)
-    if norm in ("yes", "no"):
-        return extract.first_yes_no(output) == norm
-    try:
-        value = float(gold.replace(",", ""))
-    except ValueError:
-        pred = f" {extract.normalize_answer(extract.clean(output))} "
-        return bool(norm) and f" {norm} " in pred
-    got = extract.first_number(output)
-    return got is not None and abs(got - value) <= 1e-6 * max(1.0, abs(value))
-
-
 def score_ehrqa(items: list[Item], outputs: list[str]) -> Scored:
-    correct = np.array([float(ehr_correct(out, it.answer)) for it, out in zip(items, outputs)])
+    """Exact match as `medgem.ehr.qa` defines it per answer type (a date, a count, a quantity, yes/no)."""
+    from medgem.ehr.qa import ANSWER_TYPES, exact_match
+
+    correct = np.array([float(exact_match(out, it.answer, it.answer_type if it.answer_type in ANSWER_TYPES else None))
+                        for it, out in zip(items, outputs)])
     f1 = np.array([extract.token_f1(extract.clean(out), it.answer) for it, out in zip(items, outputs)])
     rows = [{"id": it.id, "gold": it.answer, "output": out, "answer_type": it.answer_type, "correct": bool(c),
              "f1": round(float(f), 6)} for it, out, c, f in zip(items, outputs, correct, f1)]

@@ -52,8 +52,8 @@ def subgroup_report(
                           if e["n"] >= min_size and e[name]["value"] is not None]
             if len(comparable) < 2:
                 continue
-            best = max(comparable, key=lambda g: groups[g][name]["value"])
-            worst = min(comparable, key=lambda g: groups[g][name]["value"])
+            ranked = sorted(comparable, key=lambda g: groups[g][name]["value"])  # two distinct groups even on ties
+            worst, best = ranked[0], ranked[-1]
             low, high = interval(reps[best, name] - reps[worst, name])
             gaps[name] = {
                 "high_group": best, "low_group": worst,

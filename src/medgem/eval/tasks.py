@@ -18,7 +18,9 @@ Formats, as the datasets publish them:
   `imgs/` (SLAKE) or `VQA_RAD Image Folder/`.
 - classify: CSV `path,label`; several labels in one cell separated by `|` make it multi-label.
 - report: JSONL or CSV with `image` (or `path`) and `report` (or `reference`, `findings`).
-- ehrqa: JSONL `question`, `answer`, `answer_type`, optional `context` (the record) and metadata.
+- ehrqa: JSONL `question`, `answer`, `answer_type` (quantity, date, yes_no, count) and the record,
+  either inline text (`context`) or a FHIR file (`bundle`, relative to the JSONL), as
+  `medgem ehr synth` writes it; `sex`, `age_band`, `kind`... become metadata.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Item:
     options: dict[str, str] = field(default_factory=dict)
     context: str = ""
     image: str | None = None
+    record: str | None = None  # EHR-QA: the FHIR file the question is about
     answer_type: str = ""
     meta: dict[str, str] = field(default_factory=dict)
 
@@ -270,12 +273,13 @@ def read_mmlu(path: Path) -> Task:
     return _task("mmlu", "mcq", path, items)
 
 
-def _resolve_image(path: Path, name: str, where: str, subdirs: tuple[str, ...] = ()) -> str:
+def _resolve_file(path: Path, name: str, where: str, subdirs: tuple[str, ...] = ()) -> str:
+    """An image or record named in a data file, relative to that file's folder (or the given subfolders)."""
     candidates = [path.parent / name] + [path.parent / d / name for d in subdirs]
     for c in candidates:
         if c.is_file():
             return str(c)
-    raise InputError(f"{where}: image '{name}' not found next to {path.name} (looked in {len(candidates)} places)")
+    raise InputError(f"{where}: file '{name}' not found next to {path.name} (looked in {len(candidates)} places)")
 
 
 def read_vqa(path: Path) -> Task:
@@ -293,7 +297,7 @@ def read_vqa(path: Path) -> Task:
         items.append(Item(
             id=qid, question=str(_need(r, "question", where)).strip(),
             answer=str(_need(r, "answer", where)).strip(), answer_type=answer_type,
-            image=_resolve_image(path, str(image_name), where, ("imgs", "VQA_RAD Image Folder")),
+            image=_resolve_file(path, str(image_name), where, ("imgs", "VQA_RAD Image Folder")),
             meta=_scalar_meta(r, used),
         ))
     return _task("vqa", "vqa", path, items)
@@ -303,7 +307,7 @@ def read_classify(path: Path) -> Task:
     items = []
     for where, r in _csv_dicts(path):
         labels = [s.strip() for s in _need(r, "label", where).split("|") if s.strip()]
-        image = _resolve_image(path, _need(r, "path", where), where)
+        image = _resolve_file(path, _need(r, "path", where), where)
         items.append(Item(id=r.get("id") or where.rsplit(":", 1)[1], question="", answer=labels, image=image,
                           meta=_scalar_meta(r, {"path", "label", "id"})))
     task = _task("classify", "classify", path, items)
@@ -323,19 +327,24 @@ def read_report(path: Path) -> Task:
         if not image or not reference:
             raise InputError(f"{where}: needs 'image' (or 'path') and 'report' (or 'reference', 'findings')")
         used = {"image", "path", "report", "reference", "findings", "id"}
-        items.append(Item(id=str(r.get("id") or where.rsplit(":", 1)[1]), question="", answer=str(reference),
-                          image=_resolve_image(path, str(image), where), meta=_scalar_meta(r, used)))
+        qid = r.get("id")
+        items.append(Item(id=where.rsplit(":", 1)[1] if qid in (None, "") else str(qid), question="", answer=str(reference),
+                          image=_resolve_file(path, str(image), where), meta=_scalar_meta(r, used)))
     return _task("report", "report", path, items)
 
 
 def read_ehrqa(path: Path) -> Task:
     items = []
     for where, r in _jsonl(path):
-        used = {"id", "question", "answer", "answer_type", "context"}
+        record = r.get("bundle")
+        if not r.get("context") and not record:
+            raise InputError(f"{where}: needs the record, as 'context' (text) or 'bundle' (a FHIR file)")
+        used = {"id", "question", "answer", "answer_type", "context", "bundle"}
         items.append(Item(
             id=str(r.get("id", where.rsplit(":", 1)[1])), question=str(_need(r, "question", where)).strip(),
-            answer=str(_need(r, "answer", where)).strip(), answer_type=str(r.get("answer_type", "")).strip(),
-            context=str(r.get("context") or ""), meta=_scalar_meta(r, used),
+            answer=str(_need(r, "answer", where)).strip(), answer_type=str(r.get("answer_type") or "").strip(),
+            context=str(r.get("context") or ""), record=_resolve_file(path, str(record), where) if record else None,
+            meta=_scalar_meta(r, used),
         ))
     return _task("ehrqa", "ehrqa", path, items)
 
