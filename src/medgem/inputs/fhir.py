@@ -555,6 +555,9 @@ def load_record(path: str | Path, *, lenient: bool = False, patient_id: str | No
             if not lenient:
                 raise
             stats.skipped[exc.reason] += 1
+            if isinstance(raw, dict) and isinstance(raw.get("id"), str):  # it exists, though invalid: not "broken"
+                key = f"{raw.get('resourceType')}/{raw['id']}"
+                aliases[key] = aliases[full_url or key] = key
             continue
         pending.extend((where, key, field_path, target) for field_path, target in _references(raw))
         events.append((subject, event))
