@@ -129,6 +129,10 @@ def test_changed_settings_refuse_to_mix(tmp_path, mcq_task, scripted):
     with pytest.raises(InputError, match="different model"):
         evaluate(mcq_task, scripted(), tmp_path, RunConfig(model_name="other", limit=2, progress=False))
     evaluate(mcq_task, scripted(), tmp_path, RunConfig(limit=2, seed=5, n_boot=10, progress=False))  # seed is fine
+    model = scripted()
+    with pytest.raises(InputError, match="subgroup column 'sex' is in no item; available: source, topic"):
+        evaluate(mcq_task, model, tmp_path / "new", RunConfig(subgroups=["sex"], progress=False))
+    assert model.calls == 0
 
 
 def test_vqa_token_f1_and_closed_accuracy(tmp_path, images, scripted, ask):

@@ -42,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     common.add_argument("--chat", action="store_true", help="send prompts as a user turn (instruction-tuned models)")
     common.add_argument("--threshold", type=float, default=0.5, help="classification decision threshold")
     common.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    common.add_argument("--budget", type=int, default=2048, help="EHR-QA: prompt tokens for a record read from FHIR")
     for name, text in TASK_HELP.items():
         tasks.add_parser(name, parents=[common], help=text, description=text).set_defaults(func=run_eval)
     cmp = tasks.add_parser("compare", help="side-by-side table of two finished runs",
@@ -68,7 +69,7 @@ def run_eval(args: argparse.Namespace) -> int:
         method=args.method, model_name=args.model or "embedded", limit=args.limit, seed=args.seed,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, chat=args.chat,
         subgroups=[c.strip() for c in args.subgroups.split(",") if c.strip()], n_boot=args.n_boot,
-        threshold=args.threshold,
+        threshold=args.threshold, budget=args.budget,
     )
     results = evaluate(task, load_from_args(args), args.out, cfg)
     for name, e in results["metrics"].items():

@@ -199,6 +199,10 @@ def evaluate(task: Task, model: Any, out_dir: str | Path, cfg: RunConfig | None 
     if cfg.limit is not None and cfg.limit < 1:
         raise InputError(f"--limit must be at least 1, got {cfg.limit}")
     items = task.items[: cfg.limit] if cfg.limit else task.items
+    known = {k for it in items for k in it.meta}
+    for col in cfg.subgroups:  # checked now, not after an hour of model calls
+        if col not in known:
+            raise InputError(f"subgroup column '{col}' is in no item; available: {', '.join(sorted(known)) or 'none'}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = cfg.settings(task)
