@@ -33,7 +33,12 @@ def test_bad_data_is_one_line_and_exit_2(tmp_path, capsys):
     bad.write_text('{"question": "q"}\n')
     assert medgem.cli.main(["eval", "medqa", "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "bad.jsonl:1: missing field 'options'" in capsys.readouterr().err
+    # Bad settings fail before a model is loaded (this would otherwise take seconds, not milliseconds).
     assert medgem.cli.main(["eval", "medqa", "--data", "handwritten", "--out", "o", "--batch-size", "0"]) == 2
+    assert medgem.cli.main(["eval", "vqa", "--data", "handwritten", "--out", "o"]) == 2
+    assert medgem.cli.main(["eval", "medqa", "--data", "handwritten", "--out", "o", "--subgroups", "sex"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size must be at least 1" in err and "subgroup column 'sex' is in no item" in err
 
 
 def test_compare_prints_a_table(tmp_path, capsys, scripted):

@@ -56,14 +56,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from medgem.errors import InputError
     from medgem.eval.runner import RunConfig, evaluate
     from medgem.eval.tasks import load_task
 
     print_notice()
-    for flag, value in (("--batch-size", args.batch_size), ("--n-boot", args.n_boot)):
-        if value < 1:
-            raise InputError(f"{flag} must be at least 1, got {value}")
     task = load_task(args.eval_task, args.data)  # read (and validate) the data before loading a model
     cfg = RunConfig(
         method=args.method, model_name=args.model or "embedded", limit=args.limit, seed=args.seed,
@@ -71,6 +67,7 @@ def run_eval(args: argparse.Namespace) -> int:
         subgroups=[c.strip() for c in args.subgroups.split(",") if c.strip()], n_boot=args.n_boot,
         threshold=args.threshold, budget=args.budget,
     )
+    cfg.validate(task)
     results = evaluate(task, load_from_args(args), args.out, cfg)
     for name, e in results["metrics"].items():
         ci = f" [{e['low']:.3f}, {e['high']:.3f}]" if e["low"] is not None else ""

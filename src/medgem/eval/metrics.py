@@ -63,6 +63,13 @@ def estimate(fn: MetricFn, idx: np.ndarray, n_boot: int, rng: np.random.Generato
     return Estimate(float(value), *interval(reps), n=int(len(idx))), reps
 
 
+def softmax(x: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Log-likelihoods of options -> probabilities among those options."""
+    a = np.asarray(x, dtype=float)
+    e = np.exp(a - a.max())
+    return e / e.sum()
+
+
 # ---- per-item means ----
 
 def mean_of(values: Sequence[float] | np.ndarray) -> MetricFn:

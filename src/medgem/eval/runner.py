@@ -26,9 +26,9 @@ import numpy as np
 
 from medgem.errors import CapabilityError, InputError
 from medgem.eval import prompts, scoring
-from medgem.eval.metrics import estimate, seeded_rng
+from medgem.eval.metrics import estimate, seeded_rng, softmax
 from medgem.eval.report import plain, write_json, write_report
-from medgem.eval.subgroups import subgroup_report
+from medgem.eval.subgroups import check_columns, subgroup_report
 from medgem.eval.tasks import Item, Task
 from medgem.notice import NOTICE
 
@@ -53,6 +53,19 @@ class RunConfig:
     threshold: float = 0.5  # classification decision threshold
     budget: int = 2048  # EHR-QA: prompt tokens for a record read from a FHIR file
     progress: bool = True
+
+    def validate(self, task: Task) -> list[Item]:
+        """The items to run, once every setting is checked (callers do it before loading a model)."""
+        if self.method not in ("generate", "loglik"):
+            raise InputError(f"--method must be generate or loglik, got {self.method!r}")
+        if self.method == "loglik" and task.kind not in ("mcq", "classify"):
+            raise InputError(f"--method loglik scores options; task '{task.name}' has none (use generate)")
+        for flag, value in (("--limit", self.limit or 1), ("--batch-size", self.batch_size), ("--n-boot", self.n_boot)):
+            if value < 1:
+                raise InputError(f"{flag} must be at least 1, got {value}")
+        items = task.items[: self.limit] if self.limit else task.items
+        check_columns([it.meta for it in items], self.subgroups)
+        return items
 
     def settings(self, task: Task) -> dict[str, Any]:
         return {
@@ -152,12 +165,6 @@ def _generate(model: Any, task: Task, batch: list[Item], cfg: RunConfig, asker: 
     return [str(o) for o in outs]
 
 
-def _softmax(x: list[float]) -> np.ndarray:
-    a = np.asarray(x, dtype=float)
-    e = np.exp(a - a.max())
-    return e / e.sum()
-
-
 def _image_score(model: Any, messages: list[dict[str, Any]], continuations: list[str]) -> list[float]:
     if not (getattr(model, "supports_images", False) and hasattr(model, "score")):
         raise CapabilityError("log-likelihood on image tasks needs a multimodal model whose score() takes "
@@ -178,11 +185,11 @@ def _loglik(model: Any, task: Task, item: Item, cfg: RunConfig) -> dict[str, Any
         counts = [len(model.tokenizer.encode(c, add_bos=False)) for c in conts.values()]
         return {"logprob": dict(zip(conts, map(float, sums))), "ntokens": dict(zip(conts, counts))}
     if task.multi_label:  # one yes/no question per label; P(yes) among {yes, no}
-        probs = {lab: float(_softmax(_image_score(model, prompts.label_question(item, lab), [" yes", " no"]))[0])
+        probs = {lab: float(softmax(_image_score(model, prompts.label_question(item, lab), [" yes", " no"]))[0])
                  for lab in task.labels}
     else:
         msgs = prompts.classify_messages(item, task.labels, multi_label=False)
-        probs = dict(zip(task.labels, _softmax(_image_score(model, msgs, [f" {lab}" for lab in task.labels]))
+        probs = dict(zip(task.labels, softmax(_image_score(model, msgs, [f" {lab}" for lab in task.labels]))
                          .tolist()))
     return {"probs": probs}
 
@@ -192,17 +199,7 @@ def evaluate(task: Task, model: Any, out_dir: str | Path, cfg: RunConfig | None 
     from tqdm import tqdm
 
     cfg = cfg or RunConfig()
-    if cfg.method not in ("generate", "loglik"):
-        raise InputError(f"--method must be generate or loglik, got {cfg.method!r}")
-    if cfg.method == "loglik" and task.kind not in ("mcq", "classify"):
-        raise InputError(f"--method loglik scores options; task '{task.name}' has none (use generate)")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise InputError(f"--limit must be at least 1, got {cfg.limit}")
-    items = task.items[: cfg.limit] if cfg.limit else task.items
-    known = {k for it in items for k in it.meta}
-    for col in cfg.subgroups:  # checked now, not after an hour of model calls
-        if col not in known:
-            raise InputError(f"subgroup column '{col}' is in no item; available: {', '.join(sorted(known)) or 'none'}")
+    items = cfg.validate(task)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = cfg.settings(task)

@@ -29,11 +29,6 @@ class Scored:
     calibration: tuple[np.ndarray, np.ndarray] | None = None  # (confidence, correct)
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max())
-    return e / e.sum()
-
-
 def score_mcq(items: list[Item], outputs: list[Any], method: str) -> Scored:
     rows, correct = [], []
     conf, correct_norm = [], []
@@ -43,7 +38,7 @@ def score_mcq(items: list[Item], outputs: list[Any], method: str) -> Scored:
             letters = list(it.options)
             lp = np.array([out["logprob"][k] for k in letters])
             per_token = lp / np.maximum(1, np.array([out["ntokens"][k] for k in letters]))
-            probs = _softmax(lp)
+            probs = metrics.softmax(lp)
             pred, pred_norm = letters[int(lp.argmax())], letters[int(per_token.argmax())]
             conf.append(float(probs.max()))
             correct_norm.append(float(pred_norm == it.answer))

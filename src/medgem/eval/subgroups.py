@@ -21,6 +21,14 @@ from medgem.eval.metrics import MetricFn, estimate, interval, seeded_rng
 MISSING = "(missing)"
 
 
+def check_columns(meta: list[dict[str, str]], columns: list[str]) -> None:
+    """Every subgroup column must appear in at least one item."""
+    known = {k for m in meta for k in m}
+    for col in columns:
+        if col not in known:
+            raise InputError(f"subgroup column '{col}' is in no item; available: {', '.join(sorted(known)) or 'none'}")
+
+
 def subgroup_report(
     metric_fns: dict[str, MetricFn],
     meta: list[dict[str, str]],
@@ -31,12 +39,10 @@ def subgroup_report(
     min_size: int = 5,
 ) -> list[dict[str, Any]]:
     """One entry per column: groups with per-metric estimates, and per-metric largest gaps with flags."""
+    check_columns(meta, columns)
     report = []
     for col in columns:
         values = np.array([m.get(col, MISSING) for m in meta], dtype=object)
-        if (values == MISSING).all():
-            available = sorted({k for m in meta for k in m})
-            raise InputError(f"subgroup column '{col}' is in no item; available: {', '.join(available) or 'none'}")
         groups: dict[str, Any] = {}
         reps: dict[tuple[str, str], np.ndarray] = {}
         for g in sorted(set(values)):
