@@ -1,0 +1,153 @@
+"""`medgem generate` (one completion) and `medgem chat` (one shot or a REPL with history)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from medgem.cli.common import add_model_args, load_from_args, print_notice
+from medgem.errors import InputError
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--system", default=None, help="system instruction (folded into the first user turn)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object: text, ids, timings, tok/s")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+    )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    gen = sub.add_parser("generate", help="generate a completion for a prompt",
+                         description="Generate text. Uses the chat template unless --raw.")
+    gen.add_argument("prompt", help="prompt text ('-' reads standard input)")
+    gen.add_argument("--raw", action="store_true", help="plain completion, no chat template (best for base models)")
+    add_model_args(gen)
+    add_sampling_args(gen)
+    gen.set_defaults(func=run_generate)
+
+    chat = sub.add_parser("chat", help="chat with the model (REPL, or one shot with a question)",
+                          description="Chat. With a question: answer once. Without: an interactive session; "
+                          "/reset clears history, /exit quits.")
+    chat.add_argument("question", nargs="?", default=None)
+    chat.add_argument("--image", action="append", default=[], metavar="FILE_OR_DIR",
+                      help="image, DICOM file, or DICOM series folder (repeatable)")
+    chat.add_argument("--window", default=None, help="DICOM window preset (lung, mediastinum, bone, brain, abdomen)")
+    chat.add_argument("--slices", type=int, default=None, help="slices to take from a DICOM series or multi-frame file")
+    add_model_args(chat)
+    add_sampling_args(chat)
+    chat.set_defaults(func=run_chat)
+
+
+def _report(pipe, completion, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({
+            "model": pipe.source,
+            "text": completion.text,
+            "token_ids": completion.token_ids,
+            "prompt_tokens": completion.prompt_tokens,
+            "completion_tokens": completion.completion_tokens,
+            "finish_reason": completion.finish_reason,
+            "timings": {"load_s": round(pipe.load_seconds, 3), "prefill_s": round(completion.prefill_seconds, 4),
+                        "decode_s": round(completion.decode_seconds, 4)},
+            "prefill_tok_per_s": round(completion.prompt_tokens / max(completion.prefill_seconds, 1e-9), 1),
+            "decode_tok_per_s": round(completion.decode_tok_per_s, 2),
+        }))
+    else:
+        print(f"\n[{completion.completion_tokens} tokens, {completion.decode_tok_per_s:.1f} tok/s]", file=sys.stderr)
+
+
+def _stream(pipe, prompt, args, raw: bool) -> str:
+    """Print the answer as it is generated (or as JSON at the end); return its text."""
+    if args.json:
+        completion = pipe.complete([prompt], raw=raw, system=args.system, **sampling_kwargs(args))[0]
+        _report(pipe, completion, True)
+        return completion.text
+    for piece in pipe.stream(prompt, raw=raw, system=args.system, **sampling_kwargs(args)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    _report(pipe, pipe.last_completion, False)
+    return pipe.last_completion.text
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise InputError("prompt is empty")
+    validate_sampling(args)
+    print_notice()
+    pipe = load_from_args(args)
+    _stream(pipe, prompt, args, raw=args.raw)
+    return 0
+
+
+def image_parts(paths: list[str], window: str | None, slices: int | None) -> list[dict[str, Any]]:
+    """Message parts for --image arguments; a folder or multi-frame file becomes several images."""
+    from medgem.inputs.images import load_images_from_path
+
+    parts = []
+    for path in paths:
+        kwargs = {"window": window} if slices is None else {"window": window, "n_slices": slices}
+        for image in load_images_from_path(Path(path), **kwargs):
+            parts.append({"type": "image", "image": image})
+    return parts
+
+
+def validate_sampling(args: argparse.Namespace) -> None:
+    """Reject bad flags before spending seconds on loading the model."""
+    from medgem.engine.sampling import SamplingParams
+
+    SamplingParams(**sampling_kwargs(args))
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    validate_sampling(args)
+    print_notice()
+    pipe = load_from_args(args)
+    images = image_parts(args.image, args.window, args.slices) if args.image else []
+    history: list[dict[str, Any]] = []
+
+    def ask(question: str) -> None:
+        content: Any = question
+        if images and not history:  # images belong to the first turn
+            content = [*images, {"type": "text", "text": question}]
+        history.append({"role": "user", "content": content})
+        answer = _stream(pipe, history, args, raw=False)
+        history.append({"role": "assistant", "content": answer})
+
+    if args.question is not None:
+        if not args.question.strip():
+            raise InputError("question is empty")
+        ask(args.question)
+        return 0
+    print("medgem chat: type a question; /reset clears history, /exit quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        line = line.strip()
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history.clear()
+            continue
+        if line:
+            ask(line)
+            print()
