@@ -93,18 +93,18 @@ def plot_confusion(labels: list[str], gold: list[str], pred: list[str], path: Pa
 
 
 def plot_subgroup(entry: dict[str, Any], metric: str, path: Path) -> str:
+    """Horizontal bars with 95 % CI whiskers, one per group (readable with many groups)."""
     groups = list(entry["groups"])
     vals = [entry["groups"][g][metric] for g in groups]
-    v = np.array([np.nan if x["value"] is None else x["value"] for x in vals], dtype=float)
-    lo = np.array([np.nan if x["low"] is None else x["low"] for x in vals], dtype=float)
-    hi = np.array([np.nan if x["high"] is None else x["high"] for x in vals], dtype=float)
+    v, lo, hi = (np.array([np.nan if x[k] is None else x[k] for x in vals], dtype=float) for k in ("value", "low", "high"))
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(min(10, 2 + 0.8 * len(groups)), 3.6))
-    yerr = np.nan_to_num(np.vstack([v - lo, hi - v]))
-    ax.bar(range(len(groups)), np.nan_to_num(v), yerr=yerr, capsize=4, color="#55a868")
-    labels = [f"{g}\n(n={entry['groups'][g]['n']})" for g in groups]
-    ax.set_xticks(range(len(groups)), labels, fontsize=8)
-    ax.set(ylabel=metric, title=f"{metric} by {entry['column']} (95% CI)")
+    fig, ax = plt.subplots(figsize=(6.5, 1.2 + 0.32 * len(groups)))
+    small = [entry["groups"][g]["n"] < entry["min_size"] for g in groups]
+    ax.barh(range(len(groups)), np.nan_to_num(v), xerr=np.nan_to_num(np.vstack([v - lo, hi - v])), capsize=3,
+            color=["#bbbbbb" if s else "#55a868" for s in small])
+    ax.set_yticks(range(len(groups)), [f"{g} (n={entry['groups'][g]['n']})" for g in groups], fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlabel=metric, title=f"{metric} by {entry['column']} (95% CI; grey: n < {entry['min_size']})")
     return _save(fig, path)
 
 
