@@ -206,3 +206,13 @@ def test_loglik_needs_options(tmp_path, images, scripted):
     (tmp_path / "r.jsonl").write_text(json.dumps({"image": "ct.png", "report": "x"}) + "\n")
     with pytest.raises(InputError, match="has none"):
         evaluate(load_task("report", tmp_path / "r.jsonl"), scripted(), tmp_path / "o", RunConfig(method="loglik"))
+
+
+def test_chat_mode_wraps_prompts_in_a_user_turn(tmp_path, mcq_task, scripted):
+    model = scripted(lambda p: "A")
+    evaluate(mcq_task, model, tmp_path / "g", RunConfig(chat=True, limit=2, n_boot=10, progress=False))
+    assert model.prompts[0][0]["role"] == "user" and model.kwargs[0]["raw"] is False
+    model = scripted()
+    evaluate(mcq_task, model, tmp_path / "l", RunConfig(chat=True, method="loglik", limit=1, n_boot=10,
+                                                         progress=False))
+    assert model.prompts[0].startswith("<start_of_turn>user\n") and model.prompts[0].endswith("model\n")

@@ -177,9 +177,10 @@ def _loglik(model: Any, task: Task, item: Item, cfg: RunConfig) -> dict[str, Any
         if not hasattr(model, "score"):
             raise CapabilityError("this model has no score(); use --method generate")
         prompt = prompts.mcq_prompt(item)
-        if cfg.chat:  # score() adds <bos> itself
-            prompt = model.tokenizer.apply_chat_template(_text_input(prompt, True)).removeprefix("<bos>")
         conts = prompts.mcq_continuations(item)
+        if cfg.chat:  # score() adds <bos> itself; a model turn starts on a fresh line, without a space
+            prompt = model.tokenizer.apply_chat_template(_text_input(prompt, True)).removeprefix("<bos>")
+            conts = {k: v.lstrip() for k, v in conts.items()}
         sums = model.score(prompt, list(conts.values()))
         # Token counts for the per-token mean, split as score() splits: the continuation encoded alone.
         counts = [len(model.tokenizer.encode(c, add_bos=False)) for c in conts.values()]
