@@ -147,3 +147,10 @@ def test_duplicate_ids_and_unknown_task(tmp_path, jsonl):
         load_task("medqb", tmp_path / "dup.jsonl")
     with pytest.raises(InputError, match="data file not found"):
         load_task("medqa", tmp_path / "nope.jsonl")
+
+
+def test_binary_file_is_an_input_error(tmp_path):
+    path = tmp_path / "image.jsonl"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
+    with pytest.raises(InputError, match=r"image\.jsonl: cannot read as UTF-8 text"):
+        load_task("medqa", path)

@@ -85,13 +85,16 @@ def _need(record: dict[str, Any], key: str, where: str) -> Any:
     return record[key]
 
 
-def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, record) for each non-blank line; `where` is 'file:line' for error messages."""
+def _read_text(path: Path) -> str:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read as UTF-8 text ({type(exc).__name__})") from None
-    for n, line in enumerate(lines, 1):
+
+
+def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, record) for each non-blank line; `where` is 'file:line' for error messages."""
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{n}"
@@ -106,10 +109,7 @@ def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 def _json_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """Records of a JSON list (or JSON lines); `where` names the record index or line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read as UTF-8 text ({type(exc).__name__})") from None
+    text = _read_text(path)
     if not text.lstrip().startswith("["):
         yield from _jsonl(path)
         return
@@ -224,10 +224,7 @@ def _pubmedqa_item(where: str, qid: str, r: dict[str, Any]) -> Item:
 
 
 def read_pubmedqa(path: Path) -> Task:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read as UTF-8 text ({type(exc).__name__})") from None
+    text = _read_text(path)
     items = []
     try:
         data = json.loads(text)
