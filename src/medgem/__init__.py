@@ -11,6 +11,7 @@ from medgem.notice import NOTICE
 
 if TYPE_CHECKING:
     from medgem.pipeline import Pipeline
+    from medgem.siglip import SiglipEncoder
 
 __version__ = "0.1.0"
 
@@ -22,4 +23,11 @@ def load(src=None, **kwargs) -> Pipeline:
     return _load(src, **kwargs)
 
 
-__all__ = ["NOTICE", "__version__", "load"]
+def load_siglip(src, **kwargs) -> SiglipEncoder:
+    """Load a SigLIP / MedSigLIP dual encoder (see `medgem.siglip.load_siglip`), imported lazily."""
+    from medgem.siglip import load_siglip as _load_siglip
+
+    return _load_siglip(src, **kwargs)
+
+
+__all__ = ["NOTICE", "__version__", "load", "load_siglip"]
