@@ -196,7 +196,7 @@ class Generator:
 
     def _advance(self, row: int, seq: _Seq, tok: int) -> StreamEvent | None:
         """Record a sampled token; return the text to stream (and whether the sequence ended)."""
-        if tok in self.stop_ids:
+        if tok in self.stop_ids and not seq.params.ignore_eos:
             seq.done, seq.finish_reason = True, "stop"
             seq.text = self.decode(seq.ids)
             return StreamEvent(row, seq.text[seq.emitted:], True)

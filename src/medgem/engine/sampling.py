@@ -23,6 +23,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

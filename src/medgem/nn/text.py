@@ -105,6 +105,7 @@ class Attention(nn.Module):
         positions: torch.Tensor,
         groups: torch.Tensor,
         cache: KVCache | None,
+        masks: dict,
     ) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)
@@ -114,7 +115,10 @@ class Attention(nn.Module):
         k_pos, k_groups = positions, groups
         if cache is not None:
             k, v, k_pos, k_groups = cache.update(self.layer_idx, k, v, positions, groups)
-        mask = attention_mask(positions, k_pos, groups, k_groups, self.window)
+        # Every layer of one type sees the same key positions, so its mask is built once per forward.
+        mask = masks.get(self.window)
+        if mask is None or mask.shape[-1] != k_pos.shape[-1]:
+            mask = masks[self.window] = attention_mask(positions, k_pos, groups, k_groups, self.window)
         if self.softcap is None:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.n_heads != self.n_kv
@@ -156,9 +160,9 @@ class DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
 
-    def forward(self, x, cos_sin, positions, groups, cache):
+    def forward(self, x, cos_sin, positions, groups, cache, masks):
         x = x + self.post_attention_layernorm(
-            self.self_attn(self.input_layernorm(x), cos_sin, positions, groups, cache)
+            self.self_attn(self.input_layernorm(x), cos_sin, positions, groups, cache, masks)
         )
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
@@ -227,8 +231,9 @@ class Gemma3Text(nn.Module):
             groups = torch.full((b, t), -1, dtype=torch.long, device=x.device)
         rope_pos = positions.clamp(min=0)
         local, global_ = rope_cos_sin(rope_pos, self.inv_freq_local), rope_cos_sin(rope_pos, self.inv_freq_global)
+        masks: dict = {}
         for layer in self.layers:
-            x = layer(x, local if layer.is_sliding else global_, positions, groups, cache)
+            x = layer(x, local if layer.is_sliding else global_, positions, groups, cache, masks)
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]

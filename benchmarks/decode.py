@@ -1,0 +1,204 @@
+"""Decode benchmark: medgem vs transformers vs llama.cpp on the same Gemma 3 270M GGUF, in one run.
+
+Each engine runs in its own subprocess so its peak RSS is its own. All engines get the same 128-token
+prompt (token ids) and generate 128 tokens greedily with 2 threads. Times are measured the same way
+for every engine:
+  prefill tok/s = prompt tokens / time to the first generated token
+  decode tok/s  = (new tokens - 1) / (time of the rest)
+Median of --runs runs after one warm-up. Writes benchmarks/results/decode.json.
+
+    python benchmarks/decode.py                      # every engine that is installed
+    python benchmarks/decode.py --engines medgem-int8,llama.cpp --runs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+ENGINES = ["medgem-fp32", "medgem-bf16", "medgem-int8", "medgem-int4", "transformers", "llama.cpp"]
+TEXT = (
+    "Discharge summary. The patient is a 67-year-old man with a history of hypertension, type 2 diabetes "
+    "mellitus and chronic obstructive pulmonary disease who presented to the emergency department with "
+    "three days of fever, productive cough and right-sided pleuritic chest pain. On arrival he was "
+    "tachycardic and hypoxic, with oxygen saturation of 88 percent on room air. Chest radiography showed "
+    "consolidation of the right lower lobe with a small parapneumonic effusion. Blood cultures were drawn "
+    "and he was started on intravenous ceftriaxone and azithromycin. His creatinine was elevated at 1.8 "
+    "mg/dL from a baseline of 1.1, which improved with intravenous fluids. Over the following days his "
+    "fever resolved, his oxygen requirement decreased, and he was transitioned to oral antibiotics. "
+)
+
+
+def prompt_ids(n: int) -> list[int]:
+    from medgem.processing.tokenizer import Tokenizer
+    from medgem.weights import embedded_gguf, gguf_reader, medgem_home
+
+    tok = Tokenizer.from_gguf(gguf_reader.open_gguf(embedded_gguf()), medgem_home() / "tokenizers")
+    ids = tok.encode(TEXT * 4, add_bos=True)
+    return ids[:n]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_medgem(mode: str, ids: list[int], new: int, runs: int) -> dict:
+    import torch
+
+    import medgem
+    from medgem.engine.sampling import SamplingParams
+
+    torch.set_num_threads(2)
+    dtype, quant = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"),
+                    "int8": ("bfloat16", "int8"), "int4": ("bfloat16", "int4")}[mode]
+    t0 = time.perf_counter()
+    pipe = medgem.load(dtype=dtype, quant=quant)
+    load_s = time.perf_counter() - t0
+    params = SamplingParams(max_new_tokens=new, ignore_eos=True)
+
+    def once():
+        start, first, count = time.perf_counter(), None, 0
+        for event in pipe.engine.stream([ids], [params]):
+            if first is None:
+                first = time.perf_counter()
+            if event.done:
+                count = event.completion.completion_tokens
+        return first - start, time.perf_counter() - first, count
+
+    return measure(once, load_s, len(ids), runs)
+
+
+def run_transformers(ids: list[int], new: int, runs: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from medgem.weights import embedded_gguf
+
+    torch.set_num_threads(2)
+    path = embedded_gguf()
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    load_s = time.perf_counter() - t0
+    x = torch.tensor([ids])
+
+    def once():
+        with torch.no_grad():
+            start = time.perf_counter()
+            model.generate(x, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+            first = time.perf_counter()
+            out = model.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+            end = time.perf_counter()
+        # The second call repeats the prefill; subtract it so only decode steps remain.
+        return first - start, (end - first) - (first - start), out.shape[1] - len(ids)
+
+    return measure(once, load_s, len(ids), runs)
+
+
+def run_llama_cpp(ids: list[int], new: int, runs: int) -> dict:
+    from llama_cpp import Llama
+
+    from medgem.weights import embedded_gguf
+
+    t0 = time.perf_counter()
+    llm = Llama(model_path=str(embedded_gguf()), n_threads=2, n_ctx=len(ids) + new + 8, verbose=False)
+    load_s = time.perf_counter() - t0
+
+    def once():
+        llm.reset()
+        start, first, count = time.perf_counter(), None, 0
+        for _ in llm.create_completion(ids[1:] if ids[0] == llm.token_bos() else ids, max_tokens=new,
+                                       temperature=0.0, stream=True, logit_bias={llm.token_eos(): -1e9}):
+            if first is None:
+                first = time.perf_counter()
+            count += 1
+        return first - start, time.perf_counter() - first, count
+
+    return measure(once, load_s, len(ids), runs)
+
+
+def measure(once, load_s: float, prompt_tokens: int, runs: int) -> dict:
+    once()  # warm-up
+    samples = [once() for _ in range(runs)]
+    prefill = [prompt_tokens / s[0] for s in samples]
+    decode = [(s[2] - 1) / s[1] for s in samples if s[1] > 0]
+    return {
+        "load_s": round(load_s, 2),
+        "prefill_tok_s": round(statistics.median(prefill), 1),
+        "decode_tok_s": round(statistics.median(decode), 2),
+        "decode_tok_s_runs": [round(d, 2) for d in decode],
+        "new_tokens": samples[-1][2],
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+
+
+def worker(engine: str, prompt_tokens: int, new: int, runs: int) -> dict:
+    ids = prompt_ids(prompt_tokens)
+    if engine.startswith("medgem-"):
+        return run_medgem(engine.split("-", 1)[1], ids, new, runs)
+    if engine == "transformers":
+        return run_transformers(ids, new, runs)
+    if engine == "llama.cpp":
+        return run_llama_cpp(ids, new, runs)
+    raise SystemExit(f"unknown engine {engine}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=str(RESULTS / "decode.json"))
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.prompt_tokens, args.new_tokens, args.runs)))
+        return
+    env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    results = {}
+    for engine in args.engines.split(","):
+        cmd = [sys.executable, __file__, "--worker", engine, "--prompt-tokens", str(args.prompt_tokens),
+               "--new-tokens", str(args.new_tokens), "--runs", str(args.runs)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+            results[engine] = {"error": tail}
+        else:
+            results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(engine, results[engine], flush=True)
+    base = results.get("transformers", {}).get("decode_tok_s")
+    peer = results.get("llama.cpp", {}).get("decode_tok_s")
+    for r in results.values():
+        if "decode_tok_s" in r:
+            if base:
+                r["decode_vs_transformers"] = round(r["decode_tok_s"] / base, 2)
+            if peer:
+                r["decode_vs_llama_cpp"] = round(r["decode_tok_s"] / peer, 2)
+    report = {
+        "benchmark": "decode",
+        "model": "gemma-3-270m-q4_k_m.gguf (embedded default)",
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "runs": args.runs,
+        "threads": 2,
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "load_avg_at_end": os.getloadavg()},
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "results": results,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
