@@ -90,7 +90,7 @@ class Timeline:
         return [e for e in self.of_kind("condition") if _active(e)]
 
     def active_medications(self) -> list[Event]:
-        return [e for e in self.of_kind("medication") if _active(e) or (e.status == "completed" and not e.end)]
+        return [e for e in self.of_kind("medication") if _active(e)]
 
     def allergies(self) -> list[Event]:
         return [e for e in self.of_kind("allergy") if e.status in ACTIVE_STATUSES]
