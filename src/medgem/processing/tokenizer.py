@@ -64,6 +64,15 @@ def tokenizer_from_gguf_fields(tokens: list[str], types: list[int], unk_id: int)
     return tok
 
 
+def _special_ids(get) -> dict[str, int]:
+    """bos/eos/pad ids from GGUF metadata (`get(key, default)`)."""
+    return dict(
+        bos_id=int(get("tokenizer.ggml.bos_token_id", 2)),
+        eos_id=int(get("tokenizer.ggml.eos_token_id", 1)),
+        pad_id=int(get("tokenizer.ggml.padding_token_id", 0)),
+    )
+
+
 class _SentencePieceBackend:
     """Adapts sentencepiece to the subset of the `tokenizers` API we use; special tokens split out first."""
 
@@ -140,39 +149,40 @@ class Tokenizer:
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
-    def from_gguf(cls, reader, cache_dir: Path | None = None) -> Tokenizer:
+    def from_gguf(cls, source, cache_dir: Path | None = None) -> Tokenizer:
+        """From a `gguf.GGUFReader`, or a `weights.gguf_reader.GGUFIndex` (whose cached tokenizer is found
+        by file key without parsing the vocabulary again)."""
         from tokenizers import Tokenizer as HFTokenizer
 
-        fields = reader.fields
+        index_key = getattr(source, "key", None)
+        cached = cache_dir / f"tokenizer-{index_key}.json" if cache_dir is not None and index_key else None
+        if cached is not None and cached.is_file():
+            meta = source.metadata
+            return cls(_TokenizersBackend(HFTokenizer.from_file(str(cached))), **_special_ids(meta.get))
+        fields = source.reader.fields if index_key else source.fields
         if "tokenizer.ggml.tokens" not in fields:
             raise CheckpointError("GGUF file has no tokenizer vocabulary (tokenizer.ggml.tokens)")
         model_kind = fields["tokenizer.ggml.model"].contents() if "tokenizer.ggml.model" in fields else "llama"
         if model_kind != "llama":
             raise CheckpointError(f"GGUF tokenizer model {model_kind!r} is not a Gemma SentencePiece vocabulary")
 
-        def scalar(key: str, default: int) -> int:
-            return int(fields[key].contents()) if key in fields else default
+        def field(key: str, default: Any = None) -> Any:
+            return fields[key].contents() if key in fields else default
 
-        ids = dict(
-            bos_id=scalar("tokenizer.ggml.bos_token_id", 2),
-            eos_id=scalar("tokenizer.ggml.eos_token_id", 1),
-            pad_id=scalar("tokenizer.ggml.padding_token_id", 0),
-        )
-        tokens = fields["tokenizer.ggml.tokens"].contents()
-        types = fields["tokenizer.ggml.token_type"].contents() if "tokenizer.ggml.token_type" in fields else []
-        cached = None
-        if cache_dir is not None:
+        tokens = field("tokenizer.ggml.tokens")
+        types = field("tokenizer.ggml.token_type", [])
+        if cached is None and cache_dir is not None:
             digest = hashlib.sha256(json.dumps([tokens, types]).encode()).hexdigest()[:16]
             cached = cache_dir / f"tokenizer-{digest}.json"
-            if cached.is_file():
-                return cls(_TokenizersBackend(HFTokenizer.from_file(str(cached))), **ids)
-        tok = tokenizer_from_gguf_fields(tokens, types, scalar("tokenizer.ggml.unknown_token_id", 3))
+        if cached is not None and cached.is_file():
+            return cls(_TokenizersBackend(HFTokenizer.from_file(str(cached))), **_special_ids(field))
+        tok = tokenizer_from_gguf_fields(tokens, types, int(field("tokenizer.ggml.unknown_token_id", 3)))
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             partial = cached.with_suffix(".partial")
             tok.save(str(partial))
             partial.replace(cached)
-        return cls(_TokenizersBackend(tok), **ids)
+        return cls(_TokenizersBackend(tok), **_special_ids(field))
 
     @classmethod
     def from_folder(cls, folder: Path) -> Tokenizer:

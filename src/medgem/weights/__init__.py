@@ -85,12 +85,11 @@ def read_text_checkpoint(src: str | Path, dtype: torch.dtype) -> tuple[TextConfi
     if path.is_file():
         if path.suffix != ".gguf":
             raise CheckpointError(f"{path.name}: a model file must be .gguf; for safetensors pass the folder")
-        reader = gguf_reader.open_gguf(path)
-        meta = gguf_reader.metadata(reader)
-        cfg = from_gguf_metadata(meta)
-        state = gguf_reader.read_text_state_dict(reader, dtype)
+        index = gguf_reader.GGUFIndex.load(path, medgem_home() / "gguf-index")
+        cfg = from_gguf_metadata(index.metadata)
+        state = gguf_reader.read_text_state_dict(index, dtype)
         cfg.tie_word_embeddings = "lm_head.weight" not in state
-        return cfg, state, {"format": "gguf", "metadata": meta, "reader": reader}
+        return cfg, state, {"format": "gguf", "metadata": index.metadata, "reader": index}
     raw = hf.read_config(path)
     cfg = from_hf_config(raw)
     state = hf.read_tensors(path, dtype, hf.text_key)

@@ -6,7 +6,10 @@ as `w + 1`; both are undone here so the result is an HF-named state dict.
 
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +102,80 @@ def read_text_state_dict(reader, dtype: torch.dtype) -> dict[str, torch.Tensor]:
             array = array - 1.0
         state[name] = torch.from_numpy(array).to(dtype)
     return state
+
+
+@dataclass
+class TensorEntry:
+    """Where one tensor lies in the file; `data` is a zero-copy memmap view shaped like gguf's reader."""
+
+    name: str
+    tensor_type: Any  # gguf.GGMLQuantizationType
+    shape: list[int]  # GGUF order (innermost first)
+    data_offset: int
+    n_bytes: int
+    path: Path
+
+    @property
+    def data(self) -> np.ndarray:
+        import gguf
+
+        np_dims = tuple(reversed(self.shape))
+        typed = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}
+        raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.data_offset, shape=(self.n_bytes,))
+        if self.tensor_type in typed:
+            return raw.view(typed[self.tensor_type]).reshape(np_dims)
+        return raw.reshape(gguf.quant_shape_to_byte_shape(np_dims, self.tensor_type))
+
+
+class GGUFIndex:
+    """Metadata and tensor locations of a GGUF, cached as JSON so later loads skip parsing the file.
+
+    gguf's reader parses every field, including 262k tokenizer strings, which costs seconds on each
+    start; the index (keyed by path, size and mtime) costs milliseconds. The tokenizer has its own cache.
+    """
+
+    def __init__(self, path: Path, metadata: dict[str, Any], tensors: list[TensorEntry], key: str):
+        self.path, self.metadata, self.tensors, self.key = path, metadata, tensors, key
+
+    @cached_property
+    def reader(self):
+        """The full gguf reader, parsed only when something needs the raw fields (e.g. the vocabulary)."""
+        return open_gguf(self.path)
+
+    @classmethod
+    def load(cls, path: str | Path, cache_dir: Path | None = None) -> GGUFIndex:
+        import gguf
+
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"GGUF file not found: {path}")
+        stat = path.stat()
+        key = f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+        cached = cache_dir / f"{key}.json" if cache_dir else None
+        if cached is not None and cached.is_file():
+            raw = json.loads(cached.read_text())
+        else:
+            reader = open_gguf(path)
+            raw = {
+                "metadata": _jsonable(metadata(reader)),
+                "tensors": [[t.name, int(t.tensor_type), [int(d) for d in t.shape], int(t.data_offset),
+                             int(t.n_bytes)] for t in reader.tensors],
+            }
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                partial = cached.with_suffix(".partial")
+                partial.write_text(json.dumps(raw))
+                partial.replace(cached)
+        tensors = [TensorEntry(n, gguf.GGMLQuantizationType(t), s, o, b, path) for n, t, s, o, b in raw["tensors"]]
+        return cls(path, raw["metadata"], tensors, key)
+
+
+def _jsonable(meta: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in meta.items():
+        try:
+            json.dumps(v)
+            out[k] = v
+        except TypeError:
+            continue
+    return out
