@@ -420,7 +420,8 @@ def vision_from_gguf_metadata(meta: dict[str, Any]) -> tuple[VisionConfig, int, 
         num_attention_heads=int(get("attention.head_count")),
         image_size=int(get("image_size")),
         patch_size=int(get("patch_size")),
-        layer_norm_eps=float(meta.get("clip.vision.attention.layer_norm_epsilon", 1e-6)),
+        # GGUF keeps it as float32 (1e-6 reads back as 9.99999997e-07): restore the decimal that was written.
+        layer_norm_eps=float(f"{float(meta.get('clip.vision.attention.layer_norm_epsilon', 1e-6)):.7g}"),
     )
     pool = int(meta.get("clip.vision.projector.scale_factor", 4) or 4)
     if vision.patches_per_side % pool:

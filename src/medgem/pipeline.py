@@ -14,12 +14,14 @@ from typing import Any
 
 import torch
 
-from medgem.config import TextConfig
+from medgem.config import TextConfig, is_multimodal_hf_config
 from medgem.engine.generate import Completion, Generator
 from medgem.engine.sampling import SamplingParams
 from medgem.errors import CapabilityError, CheckpointError, InputError
+from medgem.processing.multimodal import MultimodalProcessor
 from medgem.processing.tokenizer import Tokenizer, render_chat
-from medgem.weights import embedded_gguf, load_text_model, medgem_home
+from medgem.weights import embedded_gguf, hf, load_text_model, medgem_home
+from medgem.weights.multimodal import load_multimodal_model
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +61,10 @@ class Pipeline:
     """A loaded model with `generate`, `generate_batch`, `stream`, `complete` and `score`."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, text_config: TextConfig, source: str,
-                 load_seconds: float = 0.0):
+                 load_seconds: float = 0.0, processor: MultimodalProcessor | None = None):
         self.model = model
         self.tokenizer = tokenizer
+        self.processor = processor  # images -> soft tokens + pixels; None for text-only models
         self.config = text_config
         self.source = source
         self.load_seconds = load_seconds
@@ -70,7 +73,7 @@ class Pipeline:
 
     @property
     def supports_images(self) -> bool:
-        return hasattr(self.model, "prepare_embeds")
+        return self.processor is not None
 
     # -- prompts --------------------------------------------------------------------------------------
     def prompt_ids(self, prompt: Prompt, raw: bool = False, system: str | None = None) -> list[int]:
@@ -97,6 +100,22 @@ class Pipeline:
             return self.tokenizer.encode(render_chat(prompt), add_bos=False)
         raise InputError(f"prompt must be a string or a list of messages, got {type(prompt).__name__}")
 
+    def prompt_inputs(self, prompt: Prompt, raw: bool = False,
+                      system: str | None = None) -> tuple[list[int], torch.Tensor | None]:
+        """Token ids plus, for messages with images, their pixel values (processing/multimodal.py)."""
+        if not (isinstance(prompt, list) and _has_images(prompt) and self.processor is not None):
+            return self.prompt_ids(prompt, raw, system), None
+        if system:
+            prompt = [{"role": "system", "content": system}, *prompt]
+        inputs = self.processor.apply_chat_template(prompt)
+        return inputs.input_ids[0].tolist(), inputs.pixel_values
+
+    def _batch_inputs(self, prompts: list[Prompt], raw: bool, system: str | None) -> tuple[list[list[int]], dict | None]:
+        """Ids per prompt, and the images of all prompts in batch order (the model fills them row by row)."""
+        ids, pixels = zip(*(self.prompt_inputs(p, raw, system) for p in prompts), strict=True)
+        images = [p for p in pixels if p is not None]
+        return list(ids), ({"pixel_values": torch.cat(images)} if images else None)
+
     @staticmethod
     def sampling(**kwargs: Any) -> SamplingParams:
         stop = kwargs.pop("stop", None) or ()
@@ -107,8 +126,8 @@ class Pipeline:
                  **sampling: Any) -> list[Completion]:
         """Completions with token counts and timings, one per prompt, batched."""
         params = self.sampling(**sampling)
-        ids = [self.prompt_ids(p, raw, system) for p in prompts]
-        return self.engine.run(ids, [params] * len(ids))
+        ids, extra = self._batch_inputs(prompts, raw, system)
+        return self.engine.run(ids, [params] * len(ids), extra)
 
     def generate(self, prompt: Prompt, **kwargs: Any) -> str:
         return self.complete([prompt], **kwargs)[0].text
@@ -120,8 +139,8 @@ class Pipeline:
                **sampling: Any) -> Iterator[str]:
         """Text pieces as they are generated; `self.last_completion` holds the accounting afterwards."""
         params = self.sampling(**sampling)
-        ids = self.prompt_ids(prompt, raw, system)
-        for event in self.engine.stream([ids], [params]):
+        ids, extra = self._batch_inputs([prompt], raw, system)
+        for event in self.engine.stream(ids, [params], extra):
             if event.text:
                 yield event.text
             if event.done:
@@ -145,19 +164,30 @@ class Pipeline:
 
 def load(src: str | Path | None = None, *, mmproj: str | Path | None = None, dtype: str | None = None,
          device: str = "cpu") -> Pipeline:
-    """Load a model: None for the embedded Gemma 3 270M, an HF folder, a .gguf file, or a hub id."""
+    """Load a model: None for the embedded Gemma 3 270M, an HF folder, a .gguf file, or a hub id.
+
+    A multimodal HF folder (config.json with a vision_config), or a .gguf with its llama.cpp `mmproj`
+    file, loads the vision tower too, so prompts may carry images.
+    """
     start = time.perf_counter()
     path = resolve_source(src)
-    if mmproj is not None:
-        raise CapabilityError("--mmproj (vision tower GGUF) is not supported yet")
-    model, info = load_text_model(path, dtype, device)
+    multimodal = mmproj is not None or (path.is_dir() and is_multimodal_hf_config(hf.read_config(path)))
+    if multimodal:
+        model, info = load_multimodal_model(path, dtype, device, mmproj)
+        text_config = model.text_config
+    else:
+        model, info = load_text_model(path, dtype, device)
+        text_config = model.config
     if info["format"] == "gguf":
         tokenizer = Tokenizer.from_gguf(info["reader"], medgem_home() / "tokenizers")
     else:
         tokenizer = Tokenizer.from_folder(path)
+    processor = None
+    if multimodal:
+        processor = MultimodalProcessor.for_model(tokenizer, model.config, info.get("preprocessor_config"))
     name = "embedded Gemma 3 270M (general, not medical)" if src is None else str(src)
     log.info("loaded %s in %.1f s", name, time.perf_counter() - start)
-    return Pipeline(model, tokenizer, model.config, name, time.perf_counter() - start)
+    return Pipeline(model, tokenizer, text_config, name, time.perf_counter() - start, processor)
 
 
 __all__ = ["Pipeline", "load", "resolve_source"]

@@ -16,12 +16,19 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from pydicom.data import get_testdata_file
 from safetensors.torch import load_file, save_file
+from skimage import data as skdata
 
-from medgem.config import multimodal_from_hf_config
+import medgem
+from medgem.config import MultimodalConfig, TextConfig, multimodal_from_hf_config, tiny_vision_config
 from medgem.engine.cache import KVCache
-from medgem.errors import CheckpointError, InputError
-from medgem.nn.medgemma import image_groups
+from medgem.errors import CapabilityError, CheckpointError, InputError
+from medgem.nn.medgemma import MultiModalProjector, image_groups
+from medgem.nn.vision import SiglipVisionTower
+from medgem.processing.tokenizer import Tokenizer
+from medgem.weights import gguf_reader, medgem_home
 from medgem.weights.multimodal import load_multimodal_model, mmproj_name
 
 TOL = 1e-4
@@ -273,17 +280,16 @@ def llama_cpp_name(hf_key):
     return f"{HF_TO_LLAMA_CPP[stem]}.{kind}"
 
 
-def write_mmproj(folder, path, quantize_f16=True, projection_dim=None):
-    """llama.cpp's mmproj of a saved checkpoint; quantize_f16=False keeps every tensor F32 (exact)."""
+def write_mmproj(path, state, vision, projection_dim, mm_tokens, quantize_f16=True):
+    """llama.cpp's mmproj for HF-named vision/projector tensors and an HF vision_config dict;
+    quantize_f16=False keeps every tensor F32 (exact)."""
     import gguf
 
-    cfg = json.loads((folder / "config.json").read_text())
-    vision = cfg["vision_config"]
     writer = gguf.GGUFWriter(str(path), "clip")
     writer.add_type(gguf.GGUFType.MMPROJ)
     writer.add_clip_has_vision_encoder(True)
     writer.add_clip_projector_type(gguf.VisionProjectorType.GEMMA3)
-    writer.add_vision_projection_dim(projection_dim or cfg["text_config"]["hidden_size"])
+    writer.add_vision_projection_dim(projection_dim)
     writer.add_vision_image_size(vision["image_size"])
     writer.add_vision_patch_size(vision["patch_size"])
     writer.add_vision_embedding_length(vision["hidden_size"])
@@ -294,10 +300,10 @@ def write_mmproj(folder, path, quantize_f16=True, projection_dim=None):
     writer.add_vision_image_std([0.5, 0.5, 0.5])
     writer.add_vision_attention_layernorm_eps(vision["layer_norm_eps"])
     writer.add_vision_use_gelu(True)
-    pool = (vision["image_size"] // vision["patch_size"]) // round(cfg["mm_tokens_per_image"] ** 0.5)
+    pool = (vision["image_size"] // vision["patch_size"]) // round(mm_tokens**0.5)
     if pool != 4:
         writer.add_vision_projector_scale_factor(pool)
-    for key, tensor in load_file(folder / "model.safetensors").items():
+    for key, tensor in state.items():
         if not key.startswith(("vision_tower.", "multi_modal_projector.")):
             continue
         array = tensor.numpy()
@@ -311,6 +317,13 @@ def write_mmproj(folder, path, quantize_f16=True, projection_dim=None):
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def mmproj_of(folder, path, quantize_f16=True, projection_dim=None):
+    """The mmproj llama.cpp's converter makes of a saved Gemma3ForConditionalGeneration."""
+    cfg = json.loads((folder / "config.json").read_text())
+    return write_mmproj(path, load_file(folder / "model.safetensors"), cfg["vision_config"],
+                        projection_dim or cfg["text_config"]["hidden_size"], cfg["mm_tokens_per_image"], quantize_f16)
 
 
 def text_gguf_from(ours, path):
@@ -367,7 +380,7 @@ def test_gguf_with_mmproj_matches_reference(tiny, tmp_path, f16):
     ref, folder = tiny
     from_hf, _ = load_multimodal_model(folder, "float32")
     text = text_gguf_from(from_hf, tmp_path / "text.gguf")
-    mmproj = write_mmproj(folder, tmp_path / "mmproj.gguf", quantize_f16=f16)
+    mmproj = mmproj_of(folder, tmp_path / "mmproj.gguf", quantize_f16=f16)
     ours, info = load_multimodal_model(text, "float32", mmproj=mmproj)
     assert info["format"] == "gguf" and ours.config.mm_tokens_per_image == 4
     ids, pixels = prompt(TINY, 2, seed=3)
@@ -385,7 +398,7 @@ def test_mmproj_from_another_model_is_refused(tiny, tmp_path):
     _, folder = tiny
     from_hf, _ = load_multimodal_model(folder, "float32")
     text = text_gguf_from(from_hf, tmp_path / "text.gguf")
-    mmproj = write_mmproj(folder, tmp_path / "mmproj.gguf", projection_dim=128)
+    mmproj = mmproj_of(folder, tmp_path / "mmproj.gguf", projection_dim=128)
     with pytest.raises(CheckpointError, match="projects to width 128.*hidden size 64"):
         load_multimodal_model(text, "float32", mmproj=mmproj)
     with pytest.raises(CheckpointError, match="not an mmproj|not a Gemma 3 text weight|unexpected tensor"):
@@ -394,3 +407,90 @@ def test_mmproj_from_another_model_is_refused(tiny, tmp_path):
     truncated.write_bytes((tmp_path / "mmproj.gguf").read_bytes()[:5000])
     with pytest.raises(CheckpointError, match="truncated"):
         load_multimodal_model(text, "float32", mmproj=truncated)
+
+
+# -- end to end through medgem.load ----------------------------------------------------------------
+CHAT = {**TINY, "text": {**TINY["text"], "vocab_size": 262_208},
+        "mm": dict(mm_tokens_per_image=4, image_token_index=262_144, boi_token_index=255_999, eoi_token_index=256_000)}
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tmp_path_factory, embedded_gguf):
+    """A random multimodal checkpoint with Gemma's real vocabulary, tokenizer.json and preprocessor config."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as RawTokenizer
+
+    folder = tmp_path_factory.mktemp("chat") / "medgemma-tiny"
+    ref = save_reference(folder, CHAT)
+    ref.generation_config.eos_token_id = [1, 106]
+    ours = Tokenizer.from_gguf(gguf_reader.open_gguf(embedded_gguf), medgem_home() / "tokenizers")
+    raw = RawTokenizer.from_str(ours._backend.tok.to_str())
+    raw.add_special_tokens([AddedToken("<image_soft_token>", normalized=False, special=True)])
+    raw.save(str(folder / "tokenizer.json"))
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "Gemma3ImageProcessor", "size": {"height": 28, "width": 28}, "resample": 2,
+         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_pan_and_scan": None}))
+    return ref, folder
+
+
+def xray_messages(*extra_images):
+    return [
+        {"role": "system", "content": "You are an expert radiologist."},
+        {"role": "user", "content": [{"type": "text", "text": "Describe this X-ray"},
+                                     {"type": "image", "image": get_testdata_file("RG1_UNCR.dcm")},
+                                     *({"type": "image", "image": im} for im in extra_images)]},
+    ]
+
+
+def test_pipeline_generates_like_transformers(chat_checkpoint):
+    """medgem.load on the folder, a DICOM chest X-ray in the chat: greedy tokens equal transformers'
+    generate on the same processed inputs."""
+    ref, folder = chat_checkpoint
+    pipe = medgem.load(folder, dtype="float32")
+    assert pipe.supports_images and pipe.processor.image_processor.size == 28
+    messages = xray_messages()
+    got = pipe.complete([messages], max_new_tokens=6)[0]
+    inputs = pipe.processor.apply_chat_template(messages)
+    assert got.prompt_tokens == inputs.input_ids.shape[1]
+    with torch.no_grad():
+        expected = ref.generate(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values,
+                                token_type_ids=inputs.token_type_ids, max_new_tokens=6, do_sample=False)
+    assert got.token_ids == expected[0, inputs.input_ids.shape[1]:].tolist()[: len(got.token_ids)]
+    assert len(got.token_ids) >= 1
+
+
+def test_pipeline_batches_prompts_with_different_image_counts(chat_checkpoint):
+    _, folder = chat_checkpoint
+    pipe = medgem.load(folder, dtype="float32")
+    prompts = [xray_messages(Image.fromarray(skdata.retina())), "Plain text question?", xray_messages()]
+    batch = pipe.complete(prompts, max_new_tokens=4)
+    alone = [pipe.complete([p], max_new_tokens=4)[0] for p in prompts]
+    assert [c.token_ids for c in batch] == [c.token_ids for c in alone]
+    assert "".join(pipe.stream(prompts[0], max_new_tokens=4)) == alone[0].text
+
+
+def test_text_only_model_refuses_images(real_pipe):
+    assert not real_pipe.supports_images
+    with pytest.raises(CapabilityError, match="has no vision tower"):
+        real_pipe.generate(xray_messages(), max_new_tokens=2)
+
+
+def test_embedded_gguf_with_mmproj_reads_images(embedded_gguf, tmp_path):
+    """The real Gemma 3 270M GGUF plus a (random) llama.cpp mmproj projecting to its 640 wide hidden size."""
+    vision = tiny_vision_config()
+    torch.manual_seed(0)
+    cfg = MultimodalConfig(text=TextConfig(), vision=vision, mm_tokens_per_image=4)
+    projector = MultiModalProjector(cfg)
+    with torch.no_grad():
+        projector.mm_input_projection_weight.normal_(0, 0.5)
+    state = {f"vision_tower.{k}": v for k, v in SiglipVisionTower(vision).state_dict().items()}
+    state |= {f"multi_modal_projector.{k}": v for k, v in projector.state_dict().items()}
+    mmproj = write_mmproj(tmp_path / "mmproj.gguf", state, vision.to_dict(), 640, 4)
+    pipe = medgem.load(embedded_gguf, mmproj=mmproj, dtype="float32")
+    assert pipe.supports_images and pipe.model.config.vision == vision
+    text = pipe.generate(xray_messages(), max_new_tokens=3)
+    assert isinstance(text, str)
+    inputs = [pipe.processor.apply_chat_template(xray_messages(im)) for im in (get_testdata_file("CT_small.dcm"), get_testdata_file("MR_small.dcm"))]
+    with torch.no_grad():
+        a, b = (pipe.model(i.input_ids, i.pixel_values, last_only=True) for i in inputs)
+    assert (a - b).abs().max() > 1e-3  # the second image reaches the logits

@@ -17,6 +17,7 @@ w + 1; both are undone here.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def read_mmproj(path: str | Path, dtype: torch.dtype) -> tuple[dict, dict[str, t
         array = gguf_reader.dequantize(tensor)
         if name.endswith("mm_soft_emb_norm.weight"):
             array = array - 1.0  # llama.cpp stores Gemma's (1 + w)
-        state[name] = torch.from_numpy(array).to(dtype)
+        state[name] = torch.tensor(array, dtype=dtype)  # a copy: F32 tensors are read-only views of the file
     return meta, state
 
 
@@ -123,10 +124,22 @@ def build_multimodal_model(
     return model.to(device).eval()
 
 
+def read_preprocessor_config(folder: Path) -> dict | None:
+    """preprocessor_config.json (image size, normalisation, pan-and-scan settings), if the folder has one."""
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+
+
 def read_multimodal_folder(folder: Path, dtype: torch.dtype) -> tuple[MultimodalConfig, dict[str, torch.Tensor], dict]:
     raw = hf.read_config(folder)
     cfg = multimodal_from_hf_config(raw)
-    return cfg, hf.read_tensors(folder, dtype, multimodal_key), {"format": "hf", "config": raw}
+    info = {"format": "hf", "config": raw, "preprocessor_config": read_preprocessor_config(folder)}
+    return cfg, hf.read_tensors(folder, dtype, multimodal_key), info
 
 
 def read_gguf_with_mmproj(
