@@ -19,13 +19,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mmproj", default=None, help="llama.cpp mmproj GGUF with the vision tower")
     parser.add_argument("--dtype", default=os.environ.get("MEDGEM_DTYPE"), choices=["float32", "bfloat16"])
     parser.add_argument("--device", default=os.environ.get("MEDGEM_DEVICE", "cpu"))
+    parser.add_argument("--quant", default=os.environ.get("MEDGEM_QUANT", "none"), choices=["none", "int8", "int4"],
+                        help="weight-only quantization of the text decoder (CPU; faster decoding)")
 
 
 def load_from_args(args: argparse.Namespace):
     """The pipeline named by the model flags."""
     import medgem
 
-    return medgem.load(args.model, mmproj=args.mmproj, dtype=args.dtype, device=args.device)
+    return medgem.load(args.model, mmproj=args.mmproj, dtype=args.dtype, device=args.device, quant=args.quant)
 
 
 def print_notice() -> None:

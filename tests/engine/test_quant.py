@@ -1,0 +1,65 @@
+"""Weight-only quantization: kernel arithmetic on random matrices, and agreement on the real 270M."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import medgem
+from medgem.engine.quant import Int4Linear, Int8Embedding, Int8Linear, quantize_text_model
+from medgem.errors import InputError
+
+
+def relative_error(layer, weight, x):
+    ref = x @ weight.T
+    return ((layer(x.bfloat16()).float() - ref).norm() / ref.norm()).item()
+
+
+def test_int8_and_int4_kernels_match_dense_matmul():
+    torch.manual_seed(0)
+    weight, x = torch.randn(384, 640), torch.randn(5, 640)
+    assert relative_error(Int8Linear(weight), weight, x) < 0.01
+    int4 = relative_error(Int4Linear(weight, 32), weight, x)
+    assert int4 < 0.1
+    assert relative_error(Int4Linear(weight, 128), weight, x) > int4  # larger groups, coarser
+    with pytest.raises(InputError, match="group size 48"):
+        Int4Linear(weight, 48)
+
+
+def test_int8_embedding_shares_the_head_rows():
+    torch.manual_seed(1)
+    table = Int8Linear(torch.randn(100, 64))
+    emb = Int8Embedding(table, 8.0)
+    ids = torch.tensor([[3, 7, 99]])
+    expected = table.dequantized()[ids] * 8.0
+    assert torch.allclose(emb(ids).float(), expected, rtol=1e-2, atol=1e-2)  # bf16 rounding only
+
+
+def test_unknown_mode():
+    with pytest.raises(InputError, match="unknown quantization"):
+        medgem.load(quant="int3")
+
+
+@pytest.mark.slow
+def test_int8_greedy_agrees_with_fp32_on_real_weights(real_pipe):
+    prompts = ["The most common cause of community-acquired pneumonia is",
+               "Insulin is produced by", "Symptoms of a stroke include"]
+    reference = [c.token_ids for c in real_pipe.complete(prompts, raw=True, max_new_tokens=24)]
+    quant = medgem.load(quant="int8")
+    assert isinstance(quant.model.lm_head, Int8Linear) and quant.model.embed_tokens.table is quant.model.lm_head
+    got = [c.token_ids for c in quant.complete(prompts, raw=True, max_new_tokens=24)]
+    agree = sum(a == b for r, g in zip(reference, got) for a, b in zip(r, g)) / sum(map(len, reference))
+    assert agree >= 0.9, f"int8 greedy agreement {agree:.2f}"
+
+
+def test_quantize_rejects_non_cpu_modes():
+    with pytest.raises(InputError, match="CPU kernels"):
+        medgem.load(quant="int8", device="cuda")
+
+
+def test_quantize_text_model_none_is_identity():
+    from medgem.config import tiny_text_config
+    from medgem.nn.text import Gemma3Text
+
+    model = Gemma3Text(tiny_text_config())
+    assert quantize_text_model(model, "none") is model and isinstance(model.lm_head, torch.nn.Linear)
