@@ -24,7 +24,7 @@ def embedded_gguf():
 
 @pytest.fixture(scope="session")
 def real_pipe():
-    """The embedded model in fp32, as `medgem.load()` gives it."""
+    """The embedded model with dense fp32 weights (the reference for parity and quantization tests)."""
     import medgem
 
     return medgem.load(dtype="float32")

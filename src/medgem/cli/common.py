@@ -19,8 +19,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mmproj", default=None, help="llama.cpp mmproj GGUF with the vision tower")
     parser.add_argument("--dtype", default=os.environ.get("MEDGEM_DTYPE"), choices=["float32", "bfloat16"])
     parser.add_argument("--device", default=os.environ.get("MEDGEM_DEVICE", "cpu"))
-    parser.add_argument("--quant", default=os.environ.get("MEDGEM_QUANT", "none"), choices=["none", "int8", "int4"],
-                        help="weight-only quantization of the text decoder (CPU; faster decoding)")
+    parser.add_argument("--quant", default=os.environ.get("MEDGEM_QUANT"), choices=["none", "int8", "int4"],
+                        help="weight-only quantization of the text decoder (default: int8 on CPU unless --dtype "
+                        "is given, none elsewhere)")
 
 
 def load_from_args(args: argparse.Namespace):
