@@ -54,7 +54,7 @@ class ScriptedModel:
         self.kwargs.append(kwargs)
         return [self.reply(p) for p in prompts]
 
-    def score(self, prompt: str, continuations: list[str]) -> list[float]:
+    def score(self, prompt: str | list[dict], continuations: list[str]) -> list[float]:
         self._count(1)
         self.prompts.append(prompt)
         return [self.loglik(prompt, c) for c in continuations]

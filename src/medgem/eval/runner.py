@@ -14,6 +14,7 @@ is deterministic: no sampling and no answer parsing.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -165,8 +166,16 @@ def _generate(model: Any, task: Task, batch: list[Item], cfg: RunConfig, asker: 
     return [str(o) for o in outs]
 
 
-def _image_score(model: Any, messages: list[dict[str, Any]], continuations: list[str]) -> list[float]:
+def _scores_images(model: Any) -> bool:
+    """Whether `score` takes messages (so images): a multimodal model whose score() is not typed `str`."""
     if not (getattr(model, "supports_images", False) and hasattr(model, "score")):
+        return False
+    first = next(iter(inspect.signature(model.score).parameters.values()), None)
+    return first is not None and first.annotation not in (str, "str")
+
+
+def _image_score(model: Any, messages: list[dict[str, Any]], continuations: list[str]) -> list[float]:
+    if not _scores_images(model):
         raise CapabilityError("log-likelihood on image tasks needs a multimodal model whose score() takes "
                               "messages; use --method generate")
     return [float(x) for x in model.score(messages, continuations)]
