@@ -10,14 +10,8 @@ from medgem.eval.tasks import load_task
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    import medgem
-
-    return medgem.load()
-
-
-def test_handwritten_mcq_both_ways(pipe, tmp_path):
+def test_handwritten_mcq_both_ways(real_pipe, tmp_path):
+    pipe = real_pipe  # the session-wide embedded model (tests/conftest.py)
     task = load_task("medqa", "handwritten")
     gen = evaluate(task, pipe, tmp_path / "gen", RunConfig(limit=2, n_boot=100, progress=False, batch_size=2))
     rows = [json.loads(line) for line in (tmp_path / "gen" / "predictions.jsonl").read_text().splitlines()]
