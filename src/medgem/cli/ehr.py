@@ -231,6 +231,7 @@ def _run_batch(args: argparse.Namespace) -> int:
                            context_tokens=context.tokens, evidence_in_context=qa.evidence_found(item, context))  # fmt: skip
                 rows.append(row)
                 out.write(json.dumps(row) + "\n")
+            out.flush()  # an interrupted run keeps every answered batch
             bar.update(len(batch))
     table = qa.accuracy_table(rows)
     table.update(model=pipe.source, budget=args.budget, retriever=args.retriever, deid=args.deid,
