@@ -1,0 +1,100 @@
+"""`medgem generate` / `medgem chat` as a user runs them: real processes, real weights, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from medgem.notice import NOTICE
+
+
+def medgem(*args: str, stdin: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "medgem.cli", *args], input=stdin, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit 2, one error line naming the problem, no traceback."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("medgem: error:")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0]
+
+
+def test_generate_json_reports_text_ids_and_speed():
+    proc = medgem("generate", "--raw", "Hypertension is defined as", "--max-new-tokens", "12", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["completion_tokens"] == len(out["token_ids"]) > 0 and out["prompt_tokens"] >= 5
+    assert out["text"].strip() and out["decode_tok_per_s"] > 0 and out["finish_reason"] in ("stop", "length")
+    assert NOTICE in proc.stderr
+
+
+def test_generate_streams_and_prints_speed():
+    proc = medgem("generate", "--raw", "The kidneys", "--max-new-tokens", "8", "--quant", "none", "--dtype", "float32")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() and "tok/s]" in proc.stderr
+
+
+def test_chat_repl_keeps_history():
+    proc = medgem("chat", "--max-new-tokens", "8", stdin="What is asthma?\nAnd its treatment?\n/exit\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count(NOTICE) == 1
+    assert proc.stderr.count("tok/s]") == 2  # two answers
+
+
+def test_chat_one_shot():
+    proc = medgem("chat", "Define sepsis.", "--max-new-tokens", "8", "--system", "Be brief.")
+    assert proc.returncode == 0 and proc.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["generate", ""], ["prompt is empty"]),
+        (["generate", "hi", "--max-new-tokens", "-3"], ["max_new_tokens"]),
+        (["generate", "hi", "--temperature", "-1"], ["temperature"]),
+        (["generate", "hi", "--model", "/no/such/model"], ["model not found", "/no/such/model"]),
+        (["chat", "  "], ["question is empty"]),
+    ],
+)
+def test_bad_arguments(args, needles):
+    assert_clean_error(medgem(*args), *needles)
+
+
+def test_prompt_over_context():
+    prompt = "sepsis " * 33_000
+    assert_clean_error(medgem("generate", "--raw", "-", "--max-new-tokens", "4", stdin=prompt), "context is 32768")
+
+
+def test_truncated_gguf(embedded_gguf, tmp_path):
+    cut = tmp_path / "half.gguf"
+    with open(embedded_gguf, "rb") as f:
+        cut.write_bytes(f.read(40_000_000))
+    assert_clean_error(medgem("generate", "hi", "--model", str(cut)), "half.gguf")
+
+
+def test_config_weights_mismatch(tmp_path):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    folder = tmp_path / "ckpt"
+    Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, head_dim=16)).save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert_clean_error(medgem("generate", "hi", "--model", str(folder)), "mlp.gate_proj.weight", "config expects")
+
+
+def test_image_on_text_only_model():
+    from pydicom.data import get_testdata_file
+
+    proc = medgem("chat", "--image", get_testdata_file("RG1_UNCR.dcm"), "Describe this X-ray", "--max-new-tokens", "4")
+    assert_clean_error(proc, "no vision tower")
