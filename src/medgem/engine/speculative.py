@@ -1,0 +1,156 @@
+"""Speculative decoding: a small draft model proposes k tokens, and the target checks them in one forward.
+
+Decoding reads every target weight once per token. When a cheap draft model of the same tokenizer
+guesses the next k tokens, one target forward over k + 1 tokens checks them all, and each accepted
+guess saves a whole target step. The scheduler (engine/scheduler.py) calls the `Drafter` for its
+decoding rows, verifies with the target, and calls `accept` per row.
+
+The target's distribution is preserved exactly:
+- greedy: at each position the target's own choice (`sample_next` on its logits) decides. Drafts are
+  kept while they equal it, and the first mismatch is replaced by the target's choice. The text is the
+  target's greedy text; only floating-point rounding differs, as the target scores k + 1 tokens in one
+  matmul instead of one at a time.
+- sampling: the standard rule (Leviathan et al. 2023, Chen et al. 2023). Draft token x, drawn from q,
+  is kept with probability min(1, p(x) / q(x)). At the first rejection a token is drawn from
+  norm(max(0, p - q)). When all k are kept, a bonus token is drawn from p. Every emitted token is then
+  distributed as p, the target's filtered distribution (temperature, top-k/p, min-p, repetition
+  penalty as in engine/sampling.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from medgem.config import TextConfig
+from medgem.engine.prefix_cache import PrefixCache
+from medgem.engine.sampling import SamplingParams, apply_repetition_penalty, filter_logits, sample_next
+from medgem.engine.slots import SlotModel
+from medgem.errors import ConfigError
+
+
+def distribution(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor) -> torch.Tensor:
+    """The probabilities `sample_next` draws from (sampling mode): fp32 [V]."""
+    logits = apply_repetition_penalty(logits.float(), seen, p.repetition_penalty)
+    return torch.softmax(filter_logits(logits, p), dim=-1)
+
+
+def _draw(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor,
+          generator: torch.Generator | None) -> tuple[int, torch.Tensor | None]:
+    """A draft token and, when sampling, the distribution q it came from."""
+    if p.greedy:
+        return sample_next(logits, p, seen, None), None
+    q = distribution(logits, p, seen)
+    return int(torch.multinomial(q, 1, generator=generator)), q
+
+
+def accept(target_logits: torch.Tensor, drafts: list[int], draft_probs: list[torch.Tensor],
+           p: SamplingParams, seen: torch.Tensor, generator: torch.Generator | None) -> list[int]:
+    """Tokens to emit for one sequence: the accepted drafts, then one token of the target's own.
+
+    target_logits: [k + 1, V] for the positions after the last token and after each draft.
+    draft_probs: the k distributions the drafts were drawn from (unused when greedy).
+    seen: the sequence so far (for the repetition penalty).
+    """
+    out: list[int] = []
+    for j, d in enumerate(drafts):
+        seen_j = torch.cat((seen, torch.tensor(out, dtype=torch.long)))
+        if p.greedy:
+            choice = sample_next(target_logits[j], p, seen_j, None)
+            if choice != d:
+                return out + [choice]
+            out.append(d)
+            continue
+        probs = distribution(target_logits[j], p, seen_j)
+        q = torch.zeros_like(probs)
+        q[: draft_probs[j].shape[-1]] = draft_probs[j]  # a draft vocabulary may be a prefix of the target's
+        if torch.rand((), generator=generator) * q[d] < probs[d]:
+            out.append(d)
+            continue
+        residual = (probs - q).clamp(min=0)
+        residual = residual if residual.sum() > 0 else probs  # p == q up to rounding: nothing to correct
+        return out + [int(torch.multinomial(residual / residual.sum(), 1, generator=generator))]
+    bonus_seen = torch.cat((seen, torch.tensor(out, dtype=torch.long)))
+    return out + [sample_next(target_logits[len(drafts)], p, bonus_seen, generator)]
+
+
+class Drafter:
+    """A small model of the target's tokenizer that proposes `k` tokens per step for every decoding row.
+
+    It keeps its own slot cache, fed with the same committed tokens as the target's: the prompt
+    during prefill, then the accepted tokens. Token ids the draft cannot embed (image soft tokens, ids
+    past its vocabulary) are fed as padding; that only makes its guesses worse, never the output.
+    """
+
+    def __init__(self, model: torch.nn.Module, k: int = 4):
+        if k < 1:
+            raise ConfigError(f"the draft must propose at least 1 token per step, not {k}")
+        self.model, self.k = model, k
+        config = getattr(model, "text_config", None) or model.config
+        if not isinstance(config, TextConfig):
+            raise ConfigError("the draft model must be a Gemma 3 decoder (nn/text.py)")
+        self.config = config
+        self.lane: SlotModel | None = None
+        self.prefix: PrefixCache | None = None
+        self.proposed = self.accepted = 0  # for the acceptance rate in metrics
+
+    def bind(self, slots: int, capacity: int, slack: int, prefix: PrefixCache | None) -> None:
+        """Allocate the draft's cache for the scheduler's slots (called by the scheduler)."""
+        self.lane = SlotModel(self.model, self.config, slots, capacity, slack)
+        self.prefix = prefix
+
+    def _ids(self, ids: list[int]) -> torch.Tensor:
+        t = torch.tensor(ids, dtype=torch.long)
+        return t.masked_fill(t >= self.config.vocab_size, self.config.pad_token_id)
+
+    def length(self, slot: int) -> int:
+        return self.lane.cache.lengths[slot]
+
+    def prefill(self, slot: int, prompt: list[int], end: int) -> None:
+        """Feed prompt tokens up to `end` that the draft has not seen yet, in chunks its cache accepts."""
+        step = self.lane.cache.slack
+        for start in range(self.length(slot), end, step):
+            stop = min(start + step, end)
+            self.lane.hidden(slice(slot, slot + 1), torch.arange(start, stop)[None],
+                             ids=self._ids(prompt[start:stop])[None], last_only=True)
+
+    def propose(self, rows: list[tuple[int, list[int], SamplingParams, torch.Tensor, torch.Generator | None]]
+                ) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+        """k draft tokens per row, and the distributions they came from (empty for greedy rows).
+
+        rows: (slot, committed tokens (prompt + generated), params, seen, generator) per decoding row.
+        The first forward catches the draft up on the tokens committed since its last step (1 or 2).
+        """
+        slots = [r[0] for r in rows]
+        hi = max(slots) + 1
+        catch = [tokens[self.length(slot):] for slot, tokens, *_ in rows]
+        width = max(map(len, catch))
+        ids = torch.full((hi, width), self.config.pad_token_id, dtype=torch.long)
+        positions = torch.full((hi, width), -1, dtype=torch.long)
+        for slot, new in zip(slots, catch):
+            ids[slot, width - len(new):] = self._ids(new)  # left-padded: the last column is real everywhere
+            positions[slot, width - len(new):] = torch.arange(self.length(slot), self.length(slot) + len(new))
+        drafts: list[list[int]] = [[] for _ in rows]
+        probs: list[list[torch.Tensor]] = [[] for _ in rows]
+        for step in range(self.k):
+            hidden = self.lane.hidden(slice(0, hi), positions, ids=ids, last_only=True)
+            logits = self.lane.logits(hidden[slots, -1])
+            for i, (_, _, params, seen, generator) in enumerate(rows):
+                seen_i = torch.cat((seen, torch.tensor(drafts[i], dtype=torch.long)))
+                token, q = _draw(logits[i], params, seen_i, generator)
+                drafts[i].append(token)
+                if q is not None:
+                    probs[i].append(q)
+            if step == self.k - 1:
+                break
+            ids = torch.full((hi, 1), self.config.pad_token_id, dtype=torch.long)
+            positions = torch.full((hi, 1), -1, dtype=torch.long)
+            for i, slot in enumerate(slots):
+                ids[slot, 0] = self._ids([drafts[i][-1]])[0]
+                positions[slot, 0] = self.length(slot)
+        self.proposed += self.k * len(rows)
+        return drafts, probs
+
+    def rollback(self, slot: int, committed: int, accepted: int) -> None:
+        """Keep the draft's cache within the `committed` tokens the target kept."""
+        self.accepted += accepted
+        self.lane.cache.truncate(slot, min(self.length(slot), committed))

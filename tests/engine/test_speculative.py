@@ -1,0 +1,113 @@
+"""Speculative decoding: greedy text equals plain greedy text whatever the draft; the acceptance rule
+keeps the target's sampling distribution; seeded sampling with a draft is reproducible."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medgem.engine.sampling import SamplingParams
+from medgem.engine.scheduler import Engine, Request, Scheduler
+from medgem.engine.speculative import Drafter, accept, distribution
+from medgem.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def run_all(scheduler: Scheduler, requests: list[Request]) -> list:
+    """Requests join two steps apart; returns their completions."""
+    done = {}
+    for step in range(5000):
+        if step % 2 == 0 and step // 2 < len(requests):
+            scheduler.add(requests[step // 2])
+        done.update({e.request_id: e.completion for e in scheduler.step() if e.done})
+        if len(done) == len(requests) and not scheduler.busy:
+            return [done[r.request_id] for r in requests]
+    raise AssertionError("the scheduler did not finish")
+
+
+def noisy_copy(generator, std: float):
+    """The target with noise on its weights: a draft that agrees often, but not always."""
+    import copy
+
+    model = copy.deepcopy(generator.model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std * p.std())
+    return model
+
+
+@pytest.mark.parametrize("draft_kind", ["different model", "noisy copy", "the target itself"])
+def test_speculative_greedy_equals_plain_greedy(tiny_target, make_text_generator, make_prompts, draft_kind):
+    if draft_kind == "different model":  # fewer, narrower layers and another window, same vocabulary
+        draft = make_text_generator(5, num_hidden_layers=3, hidden_size=32, sliding_window=4).model
+    elif draft_kind == "noisy copy":
+        draft = noisy_copy(tiny_target, 0.3)
+    else:
+        draft = tiny_target.model
+    prompts = make_prompts([5, 40, 17, 90, 33], seed=11)
+    params = [SamplingParams(max_new_tokens=n, repetition_penalty=r)
+              for n, r in ((24, 1.0), (13, 1.3), (30, 1.0), (9, 1.0), (20, 1.0))]
+    drafter = Drafter(draft, k=3)
+    scheduler = Scheduler(tiny_target, max_slots=3, max_len=200, prefill_chunk=16, prefix_block=8, draft=drafter)
+    completions = run_all(scheduler, [Request(p, sp) for p, sp in zip(prompts, params)])
+    for prompt, sp, got in zip(prompts, params, completions):
+        assert got.token_ids == tiny_target.run([prompt], [sp])[0].token_ids
+    rate = drafter.accepted / drafter.proposed
+    assert {"different model": rate < 0.5, "noisy copy": 0.2 < rate < 0.95, "the target itself": rate > 0.95}[draft_kind]
+
+
+def test_acceptance_rule_keeps_the_target_distribution():
+    """Draw drafts from q, run the rule, and compare the emitted tokens' frequencies with p."""
+    g = torch.Generator().manual_seed(0)
+    vocab, trials = 6, 20_000
+    params = SamplingParams(temperature=0.8, top_k=5)
+    target = torch.randn(3, vocab, generator=g) * 2  # logits for 2 drafts + the bonus position
+    draft = torch.randn(2, vocab, generator=g) * 2
+    seen = torch.tensor([], dtype=torch.long)
+    first, second = torch.zeros(vocab), torch.zeros(vocab)
+    for _ in range(trials):
+        d1 = int(torch.multinomial(q1 := distribution(draft[0], params, seen), 1, generator=g))
+        d2 = int(torch.multinomial(q2 := distribution(draft[1], params, seen), 1, generator=g))
+        out = accept(target, [d1, d2], [q1, q2], params, seen, g)
+        first[out[0]] += 1
+        if out[0] == 0:  # given the first token, the second follows p at the next position
+            second[out[1]] += 1
+    assert (first / trials - distribution(target[0], params, seen)).abs().max() < 0.015
+    assert (second / second.sum() - distribution(target[1], params, seen)).abs().max() < 0.03
+
+
+def test_speculative_sampling_is_seeded(tiny_target, make_text_generator, make_prompts):
+    draft = make_text_generator(5, num_hidden_layers=2).model
+    (prompt,) = make_prompts([12], seed=12)
+
+    def sample(seed):
+        scheduler = Scheduler(tiny_target, max_slots=1, max_len=64, draft=Drafter(draft, k=2))
+        params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=seed)
+        return run_all(scheduler, [Request(prompt, params)])[0].token_ids
+
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+
+
+def test_a_draft_must_be_a_gemma_decoder():
+    with pytest.raises(ConfigError, match="at least 1"):
+        Drafter(torch.nn.Linear(2, 2), k=0)
+    linear = torch.nn.Linear(2, 2)
+    linear.config = None
+    with pytest.raises(ConfigError, match="Gemma 3 decoder"):
+        Drafter(linear)
+
+
+@pytest.mark.slow
+def test_real_model_drafting_for_itself_keeps_greedy_text(real_pipe):
+    prompts = ["The most common symptoms of community-acquired pneumonia are", "Type 2 diabetes mellitus is"]
+    params = SamplingParams(max_new_tokens=16)
+    ids = [real_pipe.tokenizer.encode(p) for p in prompts]
+    drafter = Drafter(real_pipe.model, k=4)
+    with Engine.from_pipeline(real_pipe, max_slots=2, max_len=128, draft=drafter) as engine:
+        streams = [engine.stream(Request(i, params)) for i in ids]
+        got = [[e for e in s][-1].completion.token_ids for s in streams]
+    assert got == [real_pipe.engine.run([i], [params])[0].token_ids for i in ids]
+    assert drafter.accepted >= 0.9 * drafter.proposed
