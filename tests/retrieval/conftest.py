@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import csv
 import random
-from contextlib import contextmanager
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
