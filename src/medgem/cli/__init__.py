@@ -15,7 +15,7 @@ import sys
 from medgem.errors import MedgemError
 
 # Module names under medgem.cli, in the order `medgem --help` lists them.
-SUBCOMMANDS = ["generate", "dicom", "eval", "ehr"]
+SUBCOMMANDS = ["generate", "serve", "dicom", "eval", "ehr", "finetune", "embed", "classify", "probe", "index", "search"]
 
 
 def build_parser() -> argparse.ArgumentParser:
