@@ -1,0 +1,410 @@
+"""The endpoints: OpenAI's chat completions, completions, embeddings and models; the image preview
+the web page uses; health, readiness and metrics.
+
+A generation request goes: key check -> body schema (FastAPI) -> model name and limits -> images
+decoded and prompt tokenised (in a worker thread, off the event loop) -> prompt-length check ->
+engine submit (429 when the queue is full) -> the first event awaited, so that any refusal is still
+an ordinary 4xx -> JSON, or server-sent events ending with `data: [DONE]`. A client that goes away
+cancels its generation: streaming through Starlette's disconnect handling, non-streaming through a
+watcher on the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import io
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from medgem.engine.generate import Completion
+from medgem.engine.sampling import SamplingParams
+from medgem.engine.scheduler import Event
+from medgem.errors import MedgemError
+from medgem.serve.errors import APIError, error_body, medgem_error
+from medgem.serve.inputs import chat_messages, decode_image, parse_data_url
+from medgem.serve.reasoning import ThoughtSplitter, with_instruction
+from medgem.serve.runtime import Runtime
+from medgem.serve.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, ImagePart, SamplingFields
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+Prompts = list[tuple[list[int], Any]]
+
+
+def runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def require_key(request: Request) -> None:
+    """Bearer API keys, when the server has any (constant-time comparison)."""
+    keys = runtime(request).settings.api_keys
+    if not keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if scheme.lower() != "bearer" or not token.strip():
+        raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                       code="missing_api_key", headers=challenge)
+    if not any(hmac.compare_digest(token.strip().encode(), key.encode()) for key in keys):
+        raise APIError(401, "invalid API key", code="invalid_api_key", headers=challenge)
+
+
+keyed = [Depends(require_key)]
+
+
+# -- request checks ---------------------------------------------------------------------------------
+def _sampling(body: SamplingFields, rt: Runtime, max_tokens: int | None) -> SamplingParams:
+    """Limits on n and max_tokens, refused features, then the engine's sampling parameters."""
+    limits = rt.settings.limits
+    feature = body.unsupported()
+    if feature:
+        raise APIError(400, f"{feature} is not supported by this server", param=feature, code="unsupported_parameter")
+    if body.n > limits.max_n:
+        raise APIError(400, f"n is {body.n}; this server returns at most {limits.max_n} choices",
+                       param="n", code="n_too_large")
+    if max_tokens is not None and max_tokens > limits.max_tokens:
+        raise APIError(400, f"max_tokens is {max_tokens}; this server generates at most {limits.max_tokens}",
+                       param="max_tokens", code="max_tokens_too_large")
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options needs stream: true", param="stream_options")
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    return SamplingParams(
+        max_new_tokens=max_tokens or limits.default_max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,  # OpenAI's defaults
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=body.seed,
+        stop=tuple(stop),
+    )
+
+
+def _check_prompt(rt: Runtime, n_tokens: int, where: str) -> None:
+    context = rt.pipe.config.max_position_embeddings
+    limit = min(rt.settings.limits.max_prompt_tokens, context - 1)
+    if n_tokens > limit:
+        raise APIError(400, f"{where} has {n_tokens} tokens; this server accepts at most {limit} prompt tokens "
+                            f"(the model's context is {context})", param=where, code="context_length_exceeded")
+
+
+def _reasoning(body: ChatRequest, rt: Runtime) -> bool:
+    """The thinking switch: `reasoning`, or OpenAI's `reasoning_effort` (none/minimal = off)."""
+    by_effort = None if body.reasoning_effort is None else body.reasoning_effort not in ("none", "minimal")
+    if body.reasoning is not None and by_effort is not None and body.reasoning != by_effort:
+        raise APIError(400, "reasoning and reasoning_effort disagree; send one of them", param="reasoning")
+    wanted = body.reasoning if body.reasoning is not None else bool(by_effort)
+    if wanted and not rt.thinking:
+        raise APIError(400, f"model {rt.model_id!r} has no thinking mode (MedGemma 27B has one); drop "
+                            "reasoning or set it to false", param="reasoning", code="reasoning_not_supported")
+    return wanted
+
+
+# -- running a generation ---------------------------------------------------------------------------
+class Run:
+    """One request's generation: the merged events of all its choices, plus accounting."""
+
+    def __init__(self, rt: Runtime, route: str, prompts: Prompts, params: SamplingParams, n: int):
+        self.rt, self.route = rt, route
+        self.count = len(prompts) * n
+        self.prompt_tokens = sum(len(ids) for ids, _ in prompts)
+        self.started = time.perf_counter()
+        self.first_text: float | None = None
+        self.events = rt.backend.submit(prompts, params, n)
+        self.first: tuple[int, Event] | None = None
+
+    async def begin(self) -> None:
+        """Wait for the first event: an admission error raised here is still an ordinary response."""
+        try:
+            self.first = await anext(self.events)
+        except asyncio.CancelledError:
+            self.rt.metrics.cancelled.inc()
+            raise
+        except BaseException:
+            await self.events.aclose()
+            raise
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, Event]]:
+        try:
+            pending = [self.first] if self.first else []
+            self.first = None
+            for item in pending:
+                yield self._seen(item)
+            async for item in self.events:
+                yield self._seen(item)
+        except asyncio.CancelledError:
+            self.rt.metrics.cancelled.inc()
+            log.info("%s: client went away; generation cancelled", self.route)
+            raise
+        finally:
+            await self.events.aclose()
+
+    def _seen(self, item: tuple[int, Event]) -> tuple[int, Event]:
+        _, event = item
+        if event.text and self.first_text is None:
+            self.first_text = time.perf_counter()
+            self.rt.metrics.ttft.labels(self.route).observe(self.first_text - self.started)
+        if event.done and event.completion is not None:
+            self.rt.metrics.completion_tokens.inc(event.completion.completion_tokens)
+        return item
+
+    def usage(self, completions: list[Completion]) -> dict[str, int]:
+        generated = sum(c.completion_tokens for c in completions)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": generated,
+                "total_tokens": self.prompt_tokens + generated}
+
+    async def gather(self) -> list[Completion]:
+        finals: list[Completion | None] = [None] * self.count
+        async for index, event in self:
+            if event.done:
+                finals[index] = event.completion
+        return finals  # type: ignore[return-value]
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer started."""
+
+
+async def _unless_gone(request: Request, step):
+    """Await `step` unless the client disconnects first; then cancel it (and the generation) and raise."""
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, gone = asyncio.ensure_future(step), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not work.done():
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        raise ClientGone
+    return work.result()
+
+
+def _sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _event_stream(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    """SSE lines; an error after the headers went out becomes an error event, and [DONE] always ends it."""
+    try:
+        async for chunk in chunks:
+            yield _sse(chunk)
+    except (APIError, MedgemError) as exc:
+        err = exc if isinstance(exc, APIError) else medgem_error(exc)
+        yield _sse(error_body(err.status, err.message, err.param, err.code))
+    yield _sse("[DONE]")
+
+
+async def _respond(run: Run, request: Request, stream: AsyncIterator[dict[str, Any]] | None, answer) -> Response:
+    try:
+        await _unless_gone(request, run.begin())
+        if stream is not None:
+            return StreamingResponse(_event_stream(stream), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return JSONResponse(answer(await _unless_gone(request, run.gather())))
+    except ClientGone:
+        log.info("%s: client went away; generation cancelled", run.route)
+        return Response(status_code=499)
+    except MedgemError as exc:
+        raise medgem_error(exc) from None
+
+
+# -- chat ------------------------------------------------------------------------------------------
+@router.post("/v1/chat/completions", dependencies=keyed)
+async def chat_completions(body: ChatRequest, request: Request) -> Response:
+    rt = runtime(request)
+    pipe = rt.pipeline(body.model)
+    params = _sampling(body, rt, body.max_completion_tokens or body.max_tokens)
+    thinking = _reasoning(body, rt)
+    messages, system = await run_in_threadpool(chat_messages, body.messages, rt.settings.limits)
+    if thinking:
+        system = with_instruction(system)
+    ids, pixels = await run_in_threadpool(pipe.prompt_inputs, messages, False, system)
+    _check_prompt(rt, len(ids), "messages")
+    rt.metrics.prompt_tokens.inc(len(ids))
+    run = Run(rt, "chat", [(ids, pixels)], params, body.n)
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": rt.model_id}
+    split = rt.thinking  # a thinking model's thought is routed (reasoning on) or dropped (off)
+
+    def message(completion: Completion) -> dict[str, Any]:
+        if not split:
+            return {"role": "assistant", "content": completion.text}
+        thought, text = ThoughtSplitter().feed(completion.text, final=True)
+        return {"role": "assistant", "content": text, **({"reasoning_content": thought} if thinking else {})}
+
+    def answer(completions: list[Completion]) -> dict[str, Any]:
+        choices = [{"index": i, "message": message(c), "finish_reason": c.finish_reason, "logprobs": None}
+                   for i, c in enumerate(completions)]
+        return {**head, "object": "chat.completion", "choices": choices, "usage": run.usage(completions)}
+
+    async def chunks() -> AsyncIterator[dict[str, Any]]:
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+            return {**head, "object": "chat.completion.chunk", "choices": choices, **extra}
+
+        for i in range(run.count):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        splitters = [ThoughtSplitter() for _ in range(run.count)]
+        finals: list[Completion] = []
+        async for index, event in run:
+            delta: dict[str, Any] = {"content": event.text}
+            if split:
+                thought, text = splitters[index].feed(event.text, final=event.done)
+                delta = {"content": text, **({"reasoning_content": thought} if thinking and thought else {})}
+            if any(delta.values()):
+                yield chunk([{"index": index, "delta": delta, "finish_reason": None}])
+            if event.done:
+                finals.append(event.completion)
+                yield chunk([{"index": index, "delta": {}, "finish_reason": event.completion.finish_reason}])
+        if body.stream_options and body.stream_options.include_usage:
+            yield chunk([], usage=run.usage(finals))
+
+    return await _respond(run, request, chunks() if body.stream else None, answer)
+
+
+# -- completions -----------------------------------------------------------------------------------
+@router.post("/v1/completions", dependencies=keyed)
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    rt = runtime(request)
+    pipe = rt.pipeline(body.model)
+    params = _sampling(body, rt, body.max_tokens)
+    texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if len(texts) * body.n > rt.settings.max_queue + rt.settings.max_batch:
+        raise APIError(400, f"{len(texts)} prompts x n={body.n} is more than this server can hold at once",
+                       param="prompt", code="too_many_prompts")
+    prompts: Prompts = []
+    for i, text in enumerate(texts):
+        ids = await run_in_threadpool(pipe.prompt_ids, text, True)
+        _check_prompt(rt, len(ids), "prompt" if isinstance(body.prompt, str) else f"prompt[{i}]")
+        prompts.append((ids, None))
+    run = Run(rt, "completions", prompts, params, body.n)
+    rt.metrics.prompt_tokens.inc(run.prompt_tokens)
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": rt.model_id}
+
+    def answer(completions: list[Completion]) -> dict[str, Any]:
+        choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
+                   for i, c in enumerate(completions)]
+        return {**head, "choices": choices, "usage": run.usage(completions)}
+
+    async def chunks() -> AsyncIterator[dict[str, Any]]:
+        finals: list[Completion] = []
+        async for index, event in run:
+            if event.text:
+                yield {**head, "choices": [{"index": index, "text": event.text, "finish_reason": None,
+                                            "logprobs": None}]}
+            if event.done:
+                finals.append(event.completion)
+                yield {**head, "choices": [{"index": index, "text": "", "logprobs": None,
+                                            "finish_reason": event.completion.finish_reason}]}
+        if body.stream_options and body.stream_options.include_usage:
+            yield {**head, "choices": [], "usage": run.usage(finals)}
+
+    return await _respond(run, request, chunks() if body.stream else None, answer)
+
+
+# -- embeddings and models -------------------------------------------------------------------------
+@router.post("/v1/embeddings", dependencies=keyed)
+async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+    """MedSigLIP embeddings of texts and images (one shared space), unit length, in input order."""
+    rt = runtime(request)
+    encoder = rt.encoder(body.model)
+    feature = body.unsupported()
+    if feature:
+        raise APIError(400, f"{feature} is not supported by this server", param=feature, code="unsupported_parameter")
+    items = [body.input] if isinstance(body.input, str) else body.input
+    images = [i for i, item in enumerate(items) if isinstance(item, ImagePart)]
+    if len(images) > rt.settings.limits.max_images:
+        raise APIError(400, f"the request has {len(images)} images; this server accepts at most "
+                            f"{rt.settings.limits.max_images} per request", param="input", code="too_many_images")
+
+    def embed() -> tuple[np.ndarray, int]:
+        vectors = np.zeros((len(items), encoder.dim), np.float32)
+        texts = sorted(set(range(len(items))) - set(images))
+        if texts:
+            vectors[texts] = encoder.embed_texts([items[i] for i in texts])
+        if images:
+            pictures = []
+            for i in images:
+                where = f"input[{i}]"
+                media, data = parse_data_url(items[i].image_url.url, where)
+                pictures.append(decode_image(data, media, items[i].image_url.window, rt.settings.limits, where).image)
+            vectors[images] = encoder.embed_images(pictures)
+        return vectors, sum(len(encoder.tokenizer.encode(items[i])) for i in texts)
+
+    vectors, tokens = await run_in_threadpool(embed)
+    as_base64 = body.encoding_format == "base64"  # little-endian float32, as OpenAI sends it
+    data = [{"object": "embedding", "index": i,
+             "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if as_base64 else v.tolist()}
+            for i, v in enumerate(vectors)]
+    return JSONResponse({"object": "list", "data": data, "model": rt.embedding_id,
+                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+def _models(rt: Runtime) -> list[dict[str, Any]]:
+    return [{"id": name, "object": "model", "created": rt.created, "owned_by": "medgem"}
+            for name in (rt.model_id, rt.embedding_id) if name]
+
+
+@router.get("/v1/models", dependencies=keyed)
+async def list_models(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": _models(runtime(request))}
+
+
+@router.get("/v1/models/{model:path}", dependencies=keyed)
+async def get_model(model: str, request: Request) -> dict[str, Any]:
+    found = [card for card in _models(runtime(request)) if card["id"] == model]
+    if not found:
+        raise APIError(404, "model not found", param="model", code="model_not_found")
+    return found[0]
+
+
+# -- the web page's image preview ------------------------------------------------------------------
+@router.post("/v1/dicom/preview", dependencies=keyed)
+async def preview(request: Request, window: str | None = None, size: int = 512) -> dict[str, Any]:
+    """Raw image bytes (DICOM, PNG or JPEG) -> the rendered image as a PNG data URI, plus for DICOM the
+    de-identified technical summary. Nothing identifying leaves the server: pixels and whitelisted fields."""
+    rt = runtime(request)
+    if not 16 <= size <= 2048:
+        raise APIError(422, "size must be between 16 and 2048 pixels", param="size", code="invalid_value")
+    data = await request.body()
+    if not data:
+        raise APIError(400, "the request body is empty; send the image bytes", code="invalid_image")
+    media = "application/dicom" if request.headers.get("content-type", "").startswith("application/dicom") else None
+    decoded = await run_in_threadpool(decode_image, data, media, window, rt.settings.limits, "image", size)
+    png = io.BytesIO()
+    await run_in_threadpool(decoded.image.save, png, "PNG")
+    return {"media_type": decoded.media_type, "width": decoded.image.width, "height": decoded.image.height,
+            "image": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode(),
+            "summary": decoded.summary}
+
+
+# -- operations ------------------------------------------------------------------------------------
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    rt = runtime(request)
+    if rt.ready:
+        return JSONResponse({"status": "ready", "model": rt.model_id})
+    state = "draining" if rt.draining else ("failed" if rt.load_error else "loading")
+    return JSONResponse({"status": state, "model": rt.model_id}, status_code=503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(runtime(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

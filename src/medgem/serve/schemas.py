@@ -1,0 +1,94 @@
+"""Request bodies of the OpenAI endpoints, validated strictly (a "5" is not an integer, as at OpenAI).
+
+Unknown fields are accepted and ignored, as clients send extras (`user`, `store`, `metadata`), except
+the features this server does not have (`UNSUPPORTED`), which are refused by name rather than
+silently ignored. medgem additions: `reasoning` (see serve/reasoning.py), `window` on an
+`image_url` (the DICOM display window: a CT preset, "C/W", "minmax" or "auto"), and `image_url`
+parts among the inputs of an embedding request (MedSigLIP embeds images and texts in one space).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Fields that would change what the client gets back; refused unless absent, null, 0, false or empty.
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs", "logit_bias",
+               "response_format", "suffix", "echo", "best_of", "dimensions", "audio", "modalities", "prediction",
+               "frequency_penalty", "presence_penalty")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    def unsupported(self) -> str | None:
+        """The first feature asked for that this server does not have."""
+        extra = self.model_extra or {}
+        for name in UNSUPPORTED:
+            value = extra.get(name)
+            if value not in (None, False, [], {}, "") and not (name == "response_format" and value == {"type": "text"}):
+                return name
+        return None
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class ImageURL(_Part):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+    window: str | None = None
+
+
+class TextPart(_Part):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Part):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(_Part):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[Part]
+    name: str | None = None
+
+
+class StreamOptions(_Part):
+    include_usage: bool = False
+
+
+class SamplingFields(_Body):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class ChatRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    reasoning: bool | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | Annotated[list[str], Field(min_length=1)]
+
+
+class EmbeddingRequest(_Body):
+    model: str
+    input: str | Annotated[list[str | ImagePart], Field(min_length=1, max_length=2048)]
+    encoding_format: Literal["float", "base64"] = "float"

@@ -1,0 +1,92 @@
+"""The web page in headless Chromium (Debian's chromium + chromium-driver, driven by selenium):
+the notice is visible, a question gets a streamed answer equal to the model's greedy answer, and the
+RG1_UNCR chest DICOM gets a de-identified preview, with the window choice reaching the server."""
+
+from __future__ import annotations
+
+import shutil
+
+import pydicom
+import pytest
+from PIL import Image
+
+from medgem.notice import NOTICE
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
+DRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
+                                reason="needs Debian's chromium and chromium-driver (apt-get install -y chromium "
+                                       "chromium-driver)")
+QUESTION = "What does a chest X-ray show?"
+
+
+@pytest.fixture()
+def browser(tmp_path):
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--window-size=1280,900",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=DRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def test_chat_streams_and_dicom_preview(browser, text_server, real_pipe, chest_dicom, tmp_path):
+    wait = WebDriverWait(browser, 120, poll_frequency=0.05)
+    browser.get(text_server)
+    notice = browser.find_element(By.ID, "notice")
+    assert notice.is_displayed() and NOTICE in notice.text
+    wait.until(lambda d: d.find_element(By.ID, "model").text == "gemma-3-270m")
+
+    max_tokens = browser.find_element(By.ID, "max-tokens")
+    max_tokens.clear()
+    max_tokens.send_keys("12")
+    browser.find_element(By.ID, "question").send_keys(QUESTION)
+    browser.execute_script("""
+        window.updates = [];
+        new MutationObserver(() => {
+          const answers = document.querySelectorAll('.msg.assistant span');
+          if (answers.length) window.updates.push(answers[answers.length - 1].textContent);
+        }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
+    """)
+    browser.find_element(By.ID, "send").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant span")
+               and d.find_element(By.ID, "send").is_enabled() and d.find_element(By.ID, "stop").get_attribute("disabled"))
+    answer = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant span")[-1].get_attribute("textContent")
+    expected = real_pipe.complete([[{"role": "user", "content": QUESTION}]], max_new_tokens=12, temperature=0)[0].text
+    assert answer == expected
+    growing = [u for u in browser.execute_script("return window.updates") if u]
+    assert len(set(growing)) >= 3, f"the answer did not stream: {growing}"
+    assert all(expected.startswith(u) for u in growing)
+
+    browser.find_element(By.ID, "file").send_keys(chest_dicom)
+    wait.until(lambda d: d.find_element(By.ID, "preview").is_displayed())
+    image = browser.find_element(By.ID, "preview-img")
+    assert image.get_attribute("src").startswith("data:image/png;base64,")
+    wait.until(lambda d: d.execute_script("return document.getElementById('preview-img').naturalWidth") > 0)
+    summary = browser.find_element(By.ID, "summary").text
+    assert "CR" in summary and "1841 × 1955" in summary and "YES" in summary
+    header = pydicom.dcmread(chest_dicom, stop_before_pixels=True)
+    page = browser.find_element(By.TAG_NAME, "body").text
+    assert str(header.PatientName) not in page and header.PatientID not in page
+
+    Select(browser.find_element(By.ID, "window")).select_by_value("lung")  # a CT preset on a radiograph
+    wait.until(lambda d: d.find_element(By.ID, "image-error").is_displayed())
+    assert "needs a CT image" in browser.find_element(By.ID, "image-error").text
+    Select(browser.find_element(By.ID, "window")).select_by_value("")
+    wait.until(lambda d: d.find_element(By.ID, "preview").is_displayed())
+    assert browser.find_element(By.ID, "notice").is_displayed()
+
+    shot = tmp_path / "medgem-web-page.png"
+    assert browser.save_screenshot(str(shot))
+    with Image.open(shot) as png:
+        darkest, brightest = png.convert("L").getextrema()
+        assert png.size[0] >= 1000 and brightest - darkest > 100  # a rendered page, not a blank one
+    print(f"screenshot: {shot}")
