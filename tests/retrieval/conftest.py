@@ -17,7 +17,7 @@ from PIL import Image
 
 PATTERNS = ("horizontal stripes", "vertical stripes", "checkerboard")
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
-DICOMS = ("RG1_UNCR", "CT_small.dcm", "MR_small.dcm", "693_UNCR", "MR2_UNCR", "RG3_UNCR")
+DICOMS = ("RG1_UNCR.dcm", "CT_small.dcm", "MR_small.dcm", "693_UNCR.dcm", "MR2_UNCR.dcm", "RG3_UNCR.dcm")
 PHOTOS = ("retina", "immunohistochemistry", "cell", "microaneurysms")
 
 TEXT = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -131,6 +131,23 @@ def trained_siglip(tmp_path_factory, patterns_data, untrained_siglip) -> Path:
     with one_thread():
         return train_contrastive(untrained_siglip, patterns_data / "train.csv", tmp_path_factory.mktemp("trained"),
                                  cfg, progress=False)
+
+
+@pytest.fixture(scope="session")
+def retrieval_siglip(tmp_path_factory, untrained_siglip) -> Path:
+    """The encoder of the retrieval tests: transformers' default random init at 64 px (patch 8, width 128).
+    No weights ship offline, and the 32 px texture model above blurs grey CT/MR slices together; random
+    ViT features at 64 px still tell the real images apart and survive a mild crop and brightness change
+    (a stronger one, 85% crop and +15% brightness, moves CT_small's random features too far: measured)."""
+    from transformers import SiglipConfig, SiglipModel
+
+    folder = tmp_path_factory.mktemp("retrieval") / "model"
+    torch.manual_seed(0)
+    text = dict(TEXT, hidden_size=128, intermediate_size=256, num_hidden_layers=1)
+    vision = dict(VISION, hidden_size=128, intermediate_size=256, image_size=64)
+    SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(folder)
+    shutil.copy(untrained_siglip / "spiece.model", folder)
+    return folder
 
 
 @pytest.fixture(scope="session")
