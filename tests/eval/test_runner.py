@@ -70,8 +70,10 @@ def test_mcq_loglik_sum_and_per_token_mean(tmp_path, mcq_task, scripted, ask):
             return 0.0 if cont.strip() == it.options[it.answer] else -3.0 * words
         return -1.0 * words
 
-    res = evaluate(mcq_task, scripted(loglik=loglik), tmp_path,
-                   RunConfig(method="loglik", n_boot=200, progress=False))
+    model = scripted(loglik=loglik)
+    res = evaluate(mcq_task, model, tmp_path, RunConfig(method="loglik", n_boot=200, progress=False))
+    # Cloze prompts: the options are not listed, so their order cannot sway the scores.
+    assert all(it.options[k] not in p for p, it in zip(model.prompts, mcq_task.items) for k in it.options)
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     second = [r for r in rows if r["id"] not in first_half]
     fewest_words = [min(it.options, key=lambda k: (len(it.options[k].split()), k)) for it in mcq_task.items

@@ -13,20 +13,27 @@ from typing import Any
 
 from medgem.eval.tasks import Item
 
-PROMPT_VERSION = "1"
+PROMPT_VERSION = "2"
 MCQ_STOP = ["\n\n", "\nQuestion:"]
 
 
 def mcq_prompt(item: Item) -> str:
-    """Question, lettered options, then 'Answer:' (the log-likelihood continuation follows it)."""
+    """Question, lettered options, then 'Answer:' (for generation; the reply names a letter or an option)."""
     head = "The following is a multiple-choice question about medicine. Answer with the letter of the correct option."
     context = f"Context: {item.context}\n\n" if item.context else ""
     options = "\n".join(f"{k}. {v}" for k, v in item.options.items())
     return f"{head}\n\n{context}Question: {item.question}\n{options}\nAnswer:"
 
 
+def cloze_prompt(item: Item) -> str:
+    """The log-likelihood prompt: the question without its options ("cloze" form), so that which option
+    is listed first cannot matter; each option's text is then scored as the continuation."""
+    context = f"Context: {item.context}\n\n" if item.context else ""
+    return f"The following is a question about medicine.\n\n{context}Question: {item.question}\nAnswer:"
+
+
 def mcq_continuations(item: Item) -> dict[str, str]:
-    """What log-likelihood scores after the prompt: each option's text (cloze), not its bare letter, so
+    """What log-likelihood scores after the cloze prompt: each option's text, not its bare letter, so
     the model is judged on the content; the mean per token corrects for option length."""
     return {k: f" {v}" for k, v in item.options.items()}
 

@@ -185,7 +185,7 @@ def _loglik(model: Any, task: Task, item: Item, cfg: RunConfig) -> dict[str, Any
     if task.kind == "mcq":
         if not hasattr(model, "score"):
             raise CapabilityError("this model has no score(); use --method generate")
-        prompt = prompts.mcq_prompt(item)
+        prompt = prompts.cloze_prompt(item)
         conts = prompts.mcq_continuations(item)
         if cfg.chat:  # score() adds <bos> itself; a model turn starts on a fresh line, without a space
             prompt = model.tokenizer.apply_chat_template(_text_input(prompt, True)).removeprefix("<bos>")
