@@ -16,7 +16,8 @@ killed process leaves the previous complete file.
 
 Qdrant (`qdrant://host:port[/collection]`, or `qdrant:///local/folder` for qdrant-client's embedded
 mode) stores dot-product points whose ids are the SQLite item ids; upserts and deletes are idempotent,
-so replaying changes after a crash is harmless.
+so replaying changes after a crash is harmless. A server searches with its own HNSW (approximate, tuned
+on the server); the embedded mode scans exactly.
 """
 
 from __future__ import annotations
@@ -194,8 +195,7 @@ class QdrantStore:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         models = self.models
-        requests = [models.QueryRequest(query=q.tolist(), limit=k, params=models.SearchParams(exact=True))
-                    for q in np.asarray(queries, dtype=np.float32)]
+        requests = [models.QueryRequest(query=q.tolist(), limit=k) for q in np.asarray(queries, dtype=np.float32)]
         scores, ids = np.full((len(requests), k), -np.inf, np.float32), np.full((len(requests), k), -1, np.int64)
         for row, response in enumerate(self.client.query_batch_points(self.collection, requests=requests)):
             for col, point in enumerate(response.points):
