@@ -134,6 +134,8 @@ class ImageIndex:
     def __init__(self, folder: str | os.PathLike[str], *, create: bool = False, store: str = "faiss",
                  kind: str = "auto"):
         self.folder = Path(folder)
+        if create and store != "faiss" and not store.startswith("qdrant:"):
+            raise ConfigError(f"unknown vector store {store!r}; use faiss or qdrant://host:port")
         if not (self.folder / DB_NAME).is_file():
             if not create:
                 raise InputError(f"{self.folder.name}: not an index (no {DB_NAME}); build one with `medgem index build`")
