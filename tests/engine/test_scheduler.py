@@ -81,6 +81,18 @@ def test_a_long_prompt_does_not_stall_running_streams(tiny_target, make_prompts)
         assert events[r.request_id][-1].completion.token_ids == alone(tiny_target, r.prompt, r.params).token_ids
 
 
+def test_short_prompts_arriving_together_share_one_prefill_forward(tiny_target, make_prompts):
+    prompts = make_prompts([7, 12, 5, 30], seed=8)
+    scheduler = Scheduler(tiny_target, max_slots=4, max_len=128, prefill_chunk=40, prefix_cache_mb=0)
+    requests = [Request(p, SamplingParams(max_new_tokens=6)) for p in prompts]
+    events, by_step = drive(scheduler, {0: requests})
+    # 3 rows x 12 tokens fit in 40; adding the 30-token prompt would not (4 x 30), so it runs next step
+    assert {e.request_id for e in by_step[0]} == {r.request_id for r in requests[:3]}
+    assert {e.request_id for e in by_step[1]} == {r.request_id for r in requests}
+    for r in requests:
+        assert events[r.request_id][-1].completion.token_ids == alone(tiny_target, r.prompt, r.params).token_ids
+
+
 def test_cancellation_frees_the_slot(tiny_target, make_prompts):
     a, b, c = make_prompts([12, 7, 9], seed=3)
     scheduler = Scheduler(tiny_target, max_slots=1, max_len=128, prefix_cache_mb=0)
@@ -110,6 +122,8 @@ def test_limits_and_bad_requests(tiny_target, tiny_multimodal, make_prompts):
         scheduler.add(Request([]))
     with pytest.raises(ContextLengthError, match="64 tokens"):
         scheduler.add(Request(list(range(3, 70))))
+    with pytest.raises(InputError, match="vocabulary of 512"):
+        scheduler.add(Request([5, 512, 6]))
     with pytest.raises(CapabilityError):
         scheduler.add(Request(prompt, pixel_values=torch.zeros(1, 3, 28, 28)))
     # a budget past the slot's length ends with "length" where the slot is full
@@ -120,9 +134,11 @@ def test_limits_and_bad_requests(tiny_target, tiny_multimodal, make_prompts):
     # an image count that does not match the prompt fails that request only, as an event
     multimodal = Scheduler(tiny_multimodal, max_slots=2, max_len=64)
     bad = Request([5, *[IMAGE_ID] * 4, 6], pixel_values=torch.zeros(2, 3, 28, 28))
+    odd = Request([5, *[IMAGE_ID] * 4, 6], pixel_values=torch.zeros(1, 3, 20, 28))  # not the tower's size
     good = Request([5, 6, 7], SamplingParams(max_new_tokens=3))
-    events, _ = drive(multimodal, {0: [bad, good]})
+    events, _ = drive(multimodal, {0: [bad, odd, good]})
     assert isinstance(events[bad.request_id][-1].error, InputError)
+    assert isinstance(events[odd.request_id][-1].error, InputError)
     assert events[good.request_id][-1].completion.token_ids == alone(tiny_multimodal, good.prompt, good.params).token_ids
 
 

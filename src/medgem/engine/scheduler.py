@@ -6,7 +6,8 @@ that: requests arrive while others decode. Here every request owns a slot of a p
 - it admits waiting requests into free slots, reusing cached prompt prefixes (engine/prefix_cache.py);
 - it runs one decode forward over every decoding row, with a draft model when one is given
   (engine/speculative.py);
-- it runs one prefill chunk of at most `prefill_chunk` tokens for one prefilling request.
+- it runs one prefill forward of at most `prefill_chunk` tokens: a chunk of one long prompt, or
+  several short prompts side by side.
 So a 2,000-token prompt delays running streams by one chunk per step, never by its whole prefill.
 The shortest remaining prompt goes first, which keeps time-to-first-token low; a prompt passed over
 `MAX_SKIPS` times goes next, so none starves. A finished or cancelled request frees its slot at once.
@@ -157,8 +158,8 @@ class Scheduler:
         self.max_len = min(max_len, generator.max_context)
         self.max_slots, self.max_queue, self.prefill_chunk = max_slots, max_queue, prefill_chunk
         self.draft = draft
-        model_config = getattr(self.model, "config", None)
-        image_tokens = getattr(model_config, "mm_tokens_per_image", 0)
+        self.model_config = getattr(self.model, "config", None)
+        image_tokens = getattr(self.model_config, "mm_tokens_per_image", 0)
         spec = draft.k + 1 if draft else 0
         slack = max(prefill_chunk, image_tokens, spec)  # most tokens one step feeds to one slot
         self.target = SlotModel(self.model, generator.text_config, max_slots, self.max_len + spec, slack)
@@ -192,6 +193,9 @@ class Scheduler:
             raise ContextLengthError(f"prompt has {n} tokens; this engine holds {self.max_len} tokens per request")
         if request.pixel_values is not None and not hasattr(self.model, "prepare_embeds"):
             raise CapabilityError("this model has no vision tower, so it cannot read images")
+        vocab, image_id = self.generator.text_config.vocab_size, getattr(self.model_config, "image_token_id", -1)
+        if any(not 0 <= t < vocab and t != image_id for t in request.prompt):
+            raise InputError(f"prompt holds a token id outside the model's vocabulary of {vocab}")
         with self._lock:
             if len(self._waiting) >= self.max_queue + self.max_slots - len(self._rows):
                 self.counters["requests_rejected"] += 1
@@ -231,7 +235,7 @@ class Scheduler:
     # -- the model thread -----------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """Admit, decode one token (or one speculative round) for every decoding row, prefill one chunk."""
+        """Admit, decode one token (or one speculative round) for every decoding row, prefill one forward."""
         events: list[Event] = []
         with self._lock:
             cancelled, self._cancelled = self._cancelled, set()
@@ -247,15 +251,20 @@ class Scheduler:
         for request, slot in admitted:
             try:
                 self._rows[slot] = self._admit(request, slot)
-            except MedgemError as exc:
+            except (MedgemError, RuntimeError, ValueError) as exc:  # e.g. pixels of the wrong shape
+                error = exc if isinstance(exc, MedgemError) else InputError(
+                    f"the request's inputs could not be prepared ({type(exc).__name__})")
                 self.counters["requests_failed"] += 1
-                events.append(Event(request.request_id, "", [], True, error=exc))
+                self.target.cache.free(slot)
+                if self.draft:
+                    self.draft.lane.cache.free(slot)
+                events.append(Event(request.request_id, "", [], True, error=error))
         decoding = sorted((r for r in self._rows.values() if r.decoding), key=lambda r: r.slot)
         if decoding:
             (self._speculate if self.draft else self._decode)(decoding, events)
         prefilling = [r for r in self._rows.values() if not r.decoding]
         if prefilling:
-            self._prefill(self._pick(prefilling), events)
+            self._prefill(self._plan_prefill(prefilling), events)
         self.counters["steps"] += 1
         return events
 
@@ -298,34 +307,54 @@ class Scheduler:
                   row.cursor)
         return row
 
-    def _pick(self, prefilling: list[_Row]) -> _Row:
-        """Shortest remaining prompt first, unless one has been passed over MAX_SKIPS times."""
-        starved = [r for r in prefilling if r.skipped >= MAX_SKIPS]
-        chosen = starved[0] if starved else min(prefilling, key=lambda r: (r.seq.prompt_len - r.cursor, r.started))
-        for r in prefilling:
-            r.skipped = 0 if r is chosen else r.skipped + 1
-        return chosen
+    def _plan_prefill(self, prefilling: list[_Row]) -> list[tuple[_Row, int, int]]:
+        """(row, start, end) chunks for one forward over slots lo..hi, each row's chunk left-padded to
+        the longest. Rows go shortest remaining prompt first (a row passed over MAX_SKIPS times goes
+        first), while the padded area rows x longest chunk stays within `prefill_chunk` tokens."""
+        order = sorted(prefilling, key=lambda r: (r.skipped < MAX_SKIPS, r.seq.prompt_len - r.cursor, r.started))
+        plan: list[tuple[_Row, int, int]] = []
+        for row in order:
+            end = _span_end(row.groups, row.cursor, self.prefill_chunk)
+            if plan:
+                slots = [r.slot for r, _, _ in plan] + [row.slot]
+                width = max(end - row.cursor, *(e - s for _, s, e in plan))
+                if (max(slots) - min(slots) + 1) * width > self.prefill_chunk:
+                    continue
+            plan.append((row, row.cursor, end))
+        for row in prefilling:
+            row.skipped = 0 if any(row is r for r, _, _ in plan) else row.skipped + 1
+        return plan
 
-    def _prefill(self, row: _Row, events: list[Event]) -> None:
-        start = row.cursor
-        end = _span_end(row.groups, start, self.prefill_chunk)
-        rows, positions = slice(row.slot, row.slot + 1), torch.arange(start, end)[None]
-        if row.inputs.dim() == 2:
-            hidden = self.target.hidden(rows, positions, embeds=row.inputs[None, start:end],
-                                        groups=row.groups[None, start:end], last_only=True)
-        else:
-            hidden = self.target.hidden(rows, positions, ids=row.inputs[None, start:end], last_only=True)
-        row.cursor = end
-        if self.prefix:
-            self.prefix.save(self.target.cache, row.slot, row.keys, start, end)
-        if self.draft:
-            self.draft.prefill(row.slot, row.request.prompt, end)
-            if self.draft.prefix:
-                self.draft.prefix.save(self.draft.lane.cache, row.slot, row.keys, start, end)
-        if row.decoding:
-            row.first_token = time.perf_counter()
-            logits = self.target.logits(hidden[:, -1])[0]
-            self._emit(row, [sample_next(logits, row.seq.params, row.seq.seen, row.seq.generator)], events)
+    def _prefill(self, plan: list[tuple[_Row, int, int]], events: list[Event]) -> None:
+        lo, hi = min(r.slot for r, _, _ in plan), max(r.slot for r, _, _ in plan) + 1
+        width = max(end - start for _, start, end in plan)
+        positions = torch.full((hi - lo, width), -1, dtype=torch.long)
+        groups = torch.full((hi - lo, width), -1, dtype=torch.long)
+        first = plan[0][0].inputs
+        inputs = (torch.zeros(hi - lo, width, first.shape[-1], dtype=first.dtype, device=first.device)
+                  if first.dim() == 2 else torch.full((hi - lo, width), self.generator.pad_id, dtype=torch.long))
+        for row, start, end in plan:
+            i, n = row.slot - lo, end - start
+            positions[i, width - n:] = torch.arange(start, end)
+            groups[i, width - n:] = row.groups[start:end]
+            inputs[i, width - n:] = row.inputs[start:end]
+        embedded = first.dim() == 2
+        hidden = self.target.hidden(slice(lo, hi), positions, ids=None if embedded else inputs,
+                                    embeds=inputs if embedded else None, groups=groups, last_only=True)
+        for row, start, end in plan:
+            row.cursor = end
+            if self.prefix:
+                self.prefix.save(self.target.cache, row.slot, row.keys, start, end)
+            if self.draft:
+                self.draft.prefill(row.slot, row.request.prompt, end)
+                if self.draft.prefix:
+                    self.draft.prefix.save(self.draft.lane.cache, row.slot, row.keys, start, end)
+        done = [row for row, _, _ in plan if row.decoding]
+        if done:
+            logits = self.target.logits(hidden[[row.slot - lo for row in done], -1])
+            for row, row_logits in zip(done, logits):
+                row.first_token = time.perf_counter()
+                self._emit(row, [sample_next(row_logits, row.seq.params, row.seq.seen, row.seq.generator)], events)
 
     def _decode(self, rows: list[_Row], events: list[Event]) -> None:
         """One token for every decoding row, in one forward over slots 0..hi (idle slots are padding)."""
