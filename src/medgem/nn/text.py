@@ -69,16 +69,16 @@ def attention_mask(
 ) -> torch.Tensor:
     """Boolean [B, 1, Tq, Tk]: True where a query may attend a key.
 
-    Causal by position; a sliding layer also requires q - k < window. Tokens of one image (same group
-    id >= 0) see each other both ways. Keys at position -1 are padding or empty cache slots; padding
+    Causal by position, or both ways between tokens of one image (same group id >= 0); a sliding layer
+    then also requires q - k < window. Keys at position -1 are padding or empty cache slots; padding
     queries (position -1) see only those, so their rows are never empty (no NaN), and are discarded.
     """
     qp, kp = q_pos[:, :, None], k_pos[:, None, :]
     allowed = (kp <= qp) & ((kp >= 0) | (qp < 0))
-    if window is not None:
-        allowed &= (qp - kp) < window
     qg, kg = q_groups[:, :, None], k_groups[:, None, :]
     allowed |= (qg == kg) & (qg >= 0)
+    if window is not None:  # the window bounds image tokens too, as in Gemma's reference
+        allowed &= (qp - kp) < window
     return allowed[:, None]
 
 

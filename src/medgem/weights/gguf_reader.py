@@ -87,7 +87,7 @@ def dequantize(tensor) -> np.ndarray:
 
     array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     shape = tuple(int(d) for d in reversed(tensor.shape))
-    return np.asarray(array, dtype=np.float32).reshape(shape)
+    return np.array(array, dtype=np.float32).reshape(shape)  # a copy: F32 tensors arrive as read-only file views
 
 
 def read_text_state_dict(reader, dtype: torch.dtype) -> dict[str, torch.Tensor]:
