@@ -10,13 +10,15 @@ The target is decode tok/s at 8 streams >= 5x one stream.
 Time-to-first-token: 4 background streams decode. A 2,000-token prompt arrives. Meanwhile 2 closed-loop
 clients send short requests (32 tokens), one after another, until the long prompt has its first
 token. We report p50/p99 TTFT of the short requests, the long prompt's TTFT, and the gaps between
-tokens of the background streams during the long prefill. The peer in the same run is the same engine with the whole prompt prefilled in one forward
-(prefill_chunk >= the prompt). That is what a static batcher does.
+tokens of the background streams during the long prefill. Prefill chunks of 128 and 256 tokens are
+compared with a peer in the same run: the same engine prefilling the whole prompt in one forward
+(prefill_chunk >= the prompt), as a static batcher does.
 
 The machine is shared, so timings are noisy: the load average is recorded before and after each part.
 Writes benchmarks/results/batching.json.
 
     .venv/bin/python benchmarks/batching.py [--modes bf16,int8] [--streams 1,4,8,16] [--threads 2]
+    .venv/bin/python benchmarks/batching.py --threads 1   # on a loaded machine: idle OpenMP workers spin
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ async def ttft_under_long_prompt(engine: Engine, ids: list[int], long_len: int, 
     long_task = asyncio.create_task(
         consume(engine, Request(prompt(ids, 7, long_len), SamplingParams(max_new_tokens=2)), long_log))
     ttfts: list[float] = []
+    shorts: list[asyncio.Task] = []
 
     async def client(k: int) -> None:
         """Closed loop: a short request, wait for its first token, pause, again, until the long prompt's
@@ -111,15 +114,17 @@ async def ttft_under_long_prompt(engine: Engine, ids: list[int], long_len: int, 
         i = 0
         while not long_log:
             log: list[tuple[float, int]] = []
-            task = asyncio.create_task(consume(engine, Request(prompt(ids, 300 + 50 * k + i, short_len),
-                                                               SamplingParams(max_new_tokens=2)), log))
+            submitted = time.perf_counter()
+            shorts.append(asyncio.create_task(consume(
+                engine, Request(prompt(ids, 300 + 50 * k + i, short_len), SamplingParams(max_new_tokens=2)), log)))
             while not log:
                 await asyncio.sleep(0.002)
-            ttfts.append(log[0][0] - await task)
+            ttfts.append(log[0][0] - submitted)
             i += 1
             await asyncio.sleep(pause)
 
     await asyncio.gather(long_task, *(client(k) for k in range(clients)))
+    await asyncio.gather(*shorts)
     long_first = long_log[0][0]
     gaps = [b[0] - a[0] for log in bg_logs for a, b in zip(log, log[1:])
             if long_submitted <= b[0] and a[0] <= long_first]
@@ -160,7 +165,8 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
     if mode != args.modes[0]:
         return out
     out["ttft"] = {}
-    for name, chunk in ((f"chunked_{args.chunk}", args.chunk), ("whole_prompt", args.long_tokens + 8)):
+    chunks = [(f"chunked_{c}", c) for c in args.ttft_chunks] + [("whole_prompt", args.long_tokens + 8)]
+    for name, chunk in chunks:
         options = dict(max_slots=16, max_len=args.long_tokens + 64, prefill_chunk=chunk, prefix_cache_mb=0)
         with Engine(Scheduler(pipe.engine, **options)) as engine:
             before = loadavg()
@@ -180,6 +186,7 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=256, help="prefill chunk (tokens per prefill forward)")
+    parser.add_argument("--ttft-chunks", default="128,256", help="prefill chunks to compare in the TTFT test")
     parser.add_argument("--long-tokens", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=2, help="closed-loop clients sending short requests")
     parser.add_argument("--pause", type=float, default=0.05, help="seconds a client waits between requests")
@@ -188,6 +195,7 @@ def main() -> int:
     args = parser.parse_args()
     args.modes = args.modes.split(",")
     args.streams = [int(s) for s in args.streams.split(",")]
+    args.ttft_chunks = [int(c) for c in args.ttft_chunks.split(",")]
     torch.set_num_threads(args.threads)
     result = {
         "benchmark": "continuous batching, embedded Gemma 3 270M",

@@ -122,6 +122,8 @@ def test_limits_and_bad_requests(tiny_target, tiny_multimodal, make_prompts):
         scheduler.add(Request([]))
     with pytest.raises(ContextLengthError, match="64 tokens"):
         scheduler.add(Request(list(range(3, 70))))
+    with pytest.raises(InputError, match="sliding window"):
+        Scheduler(tiny_target, prefix_block=9)  # a block must fit in the window to be saved whole
     with pytest.raises(InputError, match="vocabulary of 512"):
         scheduler.add(Request([5, 512, 6]))
     with pytest.raises(CapabilityError):

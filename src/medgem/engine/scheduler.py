@@ -164,6 +164,9 @@ class Scheduler:
         slack = max(prefill_chunk, image_tokens, spec)  # most tokens one step feeds to one slot
         self.target = SlotModel(self.model, generator.text_config, max_slots, self.max_len + spec, slack)
         budget = prefix_cache_mb * 2**20
+        windows = [generator.text_config.sliding_window] + ([draft.config.sliding_window] if draft else [])
+        if budget > 0 and not 1 <= prefix_block <= min(windows):
+            raise InputError(f"prefix_block must be between 1 and the sliding window ({min(windows)} tokens)")
 
         def prefix() -> PrefixCache | None:
             return PrefixCache(prefix_block, budget) if budget > 0 else None
