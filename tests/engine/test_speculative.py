@@ -47,13 +47,15 @@ def test_speculative_greedy_equals_plain_greedy(tiny_target, make_text_generator
     else:
         draft = tiny_target.model
     prompts = make_prompts([5, 40, 17, 90, 33], seed=11)
+    prompts.append(prompts[3][:40] + prompts[0])  # reuses the target's and the draft's cached prefix
     params = [SamplingParams(max_new_tokens=n, repetition_penalty=r)
-              for n, r in ((24, 1.0), (13, 1.3), (30, 1.0), (9, 1.0), (20, 1.0))]
+              for n, r in ((24, 1.0), (13, 1.3), (30, 1.0), (9, 1.0), (20, 1.0), (12, 1.0))]
     drafter = Drafter(draft, k=3)
-    scheduler = Scheduler(tiny_target, max_slots=3, max_len=200, prefill_chunk=16, prefix_block=8, draft=drafter)
+    scheduler = Scheduler(tiny_target, max_slots=3, max_len=200, prefill_chunk=16, prefix_block=4, draft=drafter)
     completions = run_all(scheduler, [Request(p, sp) for p, sp in zip(prompts, params)])
     for prompt, sp, got in zip(prompts, params, completions):
         assert got.token_ids == tiny_target.run([prompt], [sp])[0].token_ids
+    assert scheduler.metrics()["prefix_cache_hit_tokens"] == 40
     rate = drafter.accepted / drafter.proposed
     assert {"different model": rate < 0.5, "noisy copy": 0.2 < rate < 0.95, "the target itself": rate > 0.95}[draft_kind]
 

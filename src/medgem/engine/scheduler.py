@@ -58,6 +58,7 @@ from medgem.errors import CapabilityError, ContextLengthError, InputError, Medge
 log = logging.getLogger(__name__)
 
 MAX_SKIPS = 4  # prefill chunks a prompt may be passed over for shorter ones before it goes next
+PREFIX_BLOCK = 64  # tokens per prefix-cache block (fewer when the sliding window is shorter)
 
 
 class QueueFullError(MedgemError):
@@ -146,11 +147,12 @@ class Scheduler:
     max_len: tokens per slot (prompt + generated); longer prompts raise ContextLengthError.
     max_queue: requests that may wait while every slot is taken; more raise QueueFullError.
     prefix_cache_mb: byte budget of the prefix cache (0 turns it off).
+    prefix_block: tokens per prefix-cache block (default PREFIX_BLOCK, at most the sliding window).
     draft: a `Drafter` for speculative decoding.
     """
 
     def __init__(self, generator: Generator, *, max_slots: int = 8, max_len: int = 4096, max_queue: int = 64,
-                 prefill_chunk: int = 256, prefix_cache_mb: int = 256, prefix_block: int = 64,
+                 prefill_chunk: int = 256, prefix_cache_mb: int = 256, prefix_block: int | None = None,
                  draft: Drafter | None = None):
         if max_slots < 1 or max_queue < 0 or prefill_chunk < 1 or max_len < 2:
             raise InputError("max_slots and prefill_chunk must be >= 1, max_queue >= 0 and max_len >= 2")
@@ -164,9 +166,10 @@ class Scheduler:
         slack = max(prefill_chunk, image_tokens, spec)  # most tokens one step feeds to one slot
         self.target = SlotModel(self.model, generator.text_config, max_slots, self.max_len + spec, slack)
         budget = prefix_cache_mb * 2**20
-        windows = [generator.text_config.sliding_window] + ([draft.config.sliding_window] if draft else [])
-        if budget > 0 and not 1 <= prefix_block <= min(windows):
-            raise InputError(f"prefix_block must be between 1 and the sliding window ({min(windows)} tokens)")
+        window = min([generator.text_config.sliding_window] + ([draft.config.sliding_window] if draft else []))
+        prefix_block = min(PREFIX_BLOCK, window) if prefix_block is None else prefix_block
+        if budget > 0 and not 1 <= prefix_block <= window:  # a block is saved while its tokens are in the ring
+            raise InputError(f"prefix_block must be between 1 and the sliding window ({window} tokens)")
 
         def prefix() -> PrefixCache | None:
             return PrefixCache(prefix_block, budget) if budget > 0 else None
