@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+PROFILE = os.environ.get("MEDGEM_BENCH_PROFILE") == "1"
 ENGINES = ["medgem-fp32", "medgem-bf16", "medgem-int8", "medgem-int4", "transformers", "llama.cpp"]
 TEXT = (
     "Discharge summary. The patient is a 67-year-old man with a history of hypertension, type 2 diabetes "
@@ -74,7 +75,23 @@ def run_medgem(mode: str, ids: list[int], new: int, runs: int) -> dict:
                 count = event.completion.completion_tokens
         return first - start, time.perf_counter() - first, count
 
-    return measure(once, load_s, len(ids), runs)
+    result = measure(once, load_s, len(ids), runs)
+    if PROFILE:
+        result["profile"] = profile_decode(pipe, ids, params, mode)
+    return result
+
+
+def profile_decode(pipe, ids: list[int], params, mode: str) -> str:
+    """torch.profiler table of where one generation's time goes, written next to the JSON."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in pipe.engine.stream([ids], [params]):
+            pass
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+    path = RESULTS / f"decode_profile_medgem-{mode}.txt"
+    path.write_text(table)
+    return str(path)
 
 
 def run_transformers(ids: list[int], new: int, runs: int) -> dict:
@@ -159,11 +176,13 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(RESULTS / "decode.json"))
+    ap.add_argument("--profile", action="store_true", help="also write a torch.profiler table per medgem engine")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.prompt_tokens, args.new_tokens, args.runs)))
         return
-    env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
+               MEDGEM_BENCH_PROFILE="1" if args.profile else "0")
     results = {}
     for engine in args.engines.split(","):
         cmd = [sys.executable, __file__, "--worker", engine, "--prompt-tokens", str(args.prompt_tokens),
