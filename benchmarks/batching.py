@@ -192,6 +192,7 @@ def main() -> int:
     parser.add_argument("--pause", type=float, default=0.05, help="seconds a client waits between requests")
     parser.add_argument("--background", type=int, default=4, help="streams decoding during the TTFT test")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     args.modes = args.modes.split(",")
     args.streams = [int(s) for s in args.streams.split(",")]
@@ -205,8 +206,8 @@ def main() -> int:
         "modes": {mode: run_mode(mode, args) for mode in args.modes},
     }
     result["machine"]["loadavg_end"] = loadavg()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
 

@@ -16,12 +16,15 @@ API, for the server and the CLI:
 
     from medgem.engine.scheduler import Engine, Request
     engine = Engine.from_pipeline(pipe, max_slots=8)      # Scheduler(...) options; starts a model thread
+    engine = Engine.from_pipeline(pipe, draft=Drafter(draft_pipe.model, k=4))   # --draft (same tokenizer)
     # asyncio (the server): submit() raises QueueFullError (http_status 429), ContextLengthError or
     # InputError at once, before any event
     stream = engine.submit(Request(prompt_ids, SamplingParams(...), pixel_values=None))
     async for event in stream:                           # Event: request_id, text, token_ids, done,
         ...                                              #   completion (a Completion, on the last event)
     stream.cancel()             # or `async with engine.submit(...) as stream:`, or cancel the task
+    # a request that fails later (bad pixels, a broken step) raises its MedgemError from the iterator;
+    # EngineError (http_status 500) when the model loop itself failed or shut down
     # blocking callers:
     for event in engine.stream(request): ...             # closing the iterator cancels the request
     completion = engine.complete(request)
