@@ -120,9 +120,12 @@ class Attention(nn.Module):
         if mask is None or mask.shape[-1] != k_pos.shape[-1]:
             mask = masks[self.window] = attention_mask(positions, k_pos, groups, k_groups, self.window)
         if self.softcap is None:
+            # CPU SDPA in bf16 is ~10x slower than in fp32 past a few hundred keys; compute it in fp32.
+            upcast = q.device.type == "cpu" and q.dtype != torch.float32
+            qf, kf, vf = (q.float(), k.float(), v.float()) if upcast else (q, k, v)
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.n_heads != self.n_kv
-            )
+                qf, kf, vf, attn_mask=mask, scale=self.scale, enable_gqa=self.n_heads != self.n_kv
+            ).to(q.dtype)
         else:
             rep = self.n_heads // self.n_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
