@@ -98,3 +98,17 @@ def test_image_on_text_only_model():
 
     proc = medgem("chat", "--image", get_testdata_file("RG1_UNCR.dcm"), "Describe this X-ray", "--max-new-tokens", "4")
     assert_clean_error(proc, "no vision tower")
+
+
+def test_chat_with_dicom_on_a_multimodal_checkpoint(tiny_medgemma):
+    """The seed's quick-start shape: a system role, a chest X-ray DICOM and a question, end to end."""
+    from pydicom.data import get_testdata_file
+
+    proc = medgem("chat", "--model", str(tiny_medgemma), "--image", get_testdata_file("RG1_UNCR.dcm"),
+                  "--window", "auto", "--system", "You are an expert radiologist.", "Describe this X-ray",
+                  "--max-new-tokens", "5", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    # 4 soft tokens for the image plus the markers and text, all counted in the prompt.
+    assert out["prompt_tokens"] > 10 and out["completion_tokens"] >= 1
+    assert "Traceback" not in proc.stderr and NOTICE in proc.stderr

@@ -5,7 +5,6 @@ written by transformers, so images and DICOM travel the whole path quickly."""
 from __future__ import annotations
 
 import base64
-import json
 import socket
 import threading
 import time
@@ -79,39 +78,6 @@ def serve():
 def chest_dicom() -> str:
     """The RG1_UNCR chest radiograph (CR, 1955x1841, MONOCHROME1) from pydicom-data."""
     return get_testdata_file("RG1_UNCR.dcm")
-
-
-@pytest.fixture(scope="session")
-def tiny_medgemma(tmp_path_factory, real_pipe):
-    """A random multimodal checkpoint folder: config, safetensors, tokenizer.json, preprocessor config."""
-    import torch
-    from tokenizers import AddedToken
-    from tokenizers import Tokenizer as RawTokenizer
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
-
-    folder = tmp_path_factory.mktemp("serve") / "medgemma-tiny"
-    torch.manual_seed(0)
-    cfg = Gemma3Config(
-        text_config=dict(vocab_size=262_208, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=64,
-                         max_position_embeddings=256, layer_types=["sliding_attention", "full_attention"]),
-        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-                           image_size=28, patch_size=7, vision_use_head=False),
-        mm_tokens_per_image=4, image_token_index=262_144, boi_token_index=255_999, eoi_token_index=256_000,
-    )
-    model = Gemma3ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # transformers starts norms and the projector at constants: randomise them
-        for name, p in model.named_parameters():
-            if "norm" in name or "projector" in name:
-                p.normal_(0, 0.3)
-    model.save_pretrained(folder)
-    raw = RawTokenizer.from_str(real_pipe.tokenizer._backend.tok.to_str())  # Gemma's vocabulary, from the GGUF
-    raw.add_special_tokens([AddedToken("<image_soft_token>", normalized=False, special=True)])
-    raw.save(str(folder / "tokenizer.json"))
-    (folder / "preprocessor_config.json").write_text(json.dumps(
-        {"image_processor_type": "Gemma3ImageProcessor", "size": {"height": 28, "width": 28}, "resample": 2,
-         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
-    return folder
 
 
 @pytest.fixture(scope="session")
