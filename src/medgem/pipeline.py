@@ -18,10 +18,10 @@ from medgem.config import TextConfig, is_multimodal_hf_config
 from medgem.engine.generate import Completion, Generator
 from medgem.engine.quant import QUANT_MODES, quantize_text_model
 from medgem.engine.sampling import SamplingParams
-from medgem.errors import CapabilityError, CheckpointError, InputError
+from medgem.errors import CapabilityError, InputError
 from medgem.processing.multimodal import MultimodalProcessor
 from medgem.processing.tokenizer import Tokenizer, render_chat
-from medgem.weights import embedded_gguf, hf, load_text_model, medgem_home
+from medgem.weights import embedded_gguf, hf, load_text_model, local_checkpoint, medgem_home
 from medgem.weights.multimodal import load_multimodal_model
 
 log = logging.getLogger(__name__)
@@ -42,20 +42,7 @@ def resolve_source(src: str | Path | None) -> Path:
     """A local path for a model source: None (embedded default), a folder, a .gguf, or a hub id."""
     if src is None:
         return embedded_gguf()
-    path = Path(src).expanduser()
-    if path.exists():
-        return path
-    if isinstance(src, str) and src.count("/") == 1 and not src.startswith((".", "/")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
-        except Exception as exc:  # noqa: BLE001 - no hub library, no network, gated repo: all the same to the user
-            raise CheckpointError(
-                f"model {src!r} is not a local path and could not be fetched from a hub ({type(exc).__name__}); "
-                "download it elsewhere and pass the folder"
-            ) from exc
-    raise CheckpointError(f"model not found: {src} (expected an HF folder, a .gguf file or a hub id)")
+    return local_checkpoint(src, ["*.json", "*.safetensors", "tokenizer.model"])
 
 
 class Pipeline:

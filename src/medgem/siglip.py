@@ -29,6 +29,7 @@ from medgem.errors import CheckpointError, InputError
 from medgem.inputs.images import ImageSource, load_image
 from medgem.nn.siglip import SiglipModel
 from medgem.processing.images import ImageProcessor
+from medgem.weights import local_checkpoint
 from medgem.weights.multimodal import read_preprocessor_config
 from medgem.weights.siglip import load_siglip_model
 
@@ -179,20 +180,7 @@ def _resolve(src: str | os.PathLike[str] | None) -> Path:
     """A local folder for `src`: the path itself, or a hub download when `src` looks like 'org/name'."""
     if src is None:
         raise CheckpointError("no SigLIP model given: pass a MedSigLIP folder (e.g. a download of google/medsiglip-448)")
-    path = Path(src).expanduser()
-    if path.exists():
-        return path
-    if isinstance(src, str) and src.count("/") == 1 and not src.startswith((".", "/")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "spiece.model"]))
-        except Exception as exc:  # noqa: BLE001 - no hub library, no network, gated repo: all the same to the user
-            raise CheckpointError(
-                f"model {src!r} is not a local folder and could not be fetched from a hub ({type(exc).__name__}); "
-                "download it elsewhere and pass the folder"
-            ) from exc
-    raise CheckpointError(f"SigLIP model not found: {src} (expected an HF folder or a hub id)")
+    return local_checkpoint(src, ["*.json", "*.safetensors", "spiece.model"], kind="SigLIP model")
 
 
 def load_siglip(src: str | os.PathLike[str], *, dtype: str | None = None, device: str = "cpu") -> SiglipEncoder:

@@ -39,6 +39,24 @@ def embedded_gguf() -> Path:
     return target
 
 
+def local_checkpoint(src: str | os.PathLike[str], patterns: list[str], kind: str = "model") -> Path:
+    """A local path for `src`: the path itself, or a hub download when `src` looks like 'org/name'."""
+    path = Path(src).expanduser()
+    if path.exists():
+        return path
+    if isinstance(src, str) and src.count("/") == 1 and not src.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(src, allow_patterns=patterns))
+        except Exception as exc:  # noqa: BLE001 - no hub library, no network, gated repo: all the same to the user
+            raise CheckpointError(
+                f"{kind} {src!r} is not a local path and could not be fetched from a hub ({type(exc).__name__}); "
+                "download it elsewhere and pass the folder"
+            ) from exc
+    raise CheckpointError(f"{kind} not found: {src} (expected an HF folder, a .gguf file or a hub id)")
+
+
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None:
         return torch.float32
