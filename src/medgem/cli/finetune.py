@@ -52,6 +52,8 @@ def _register_sft(sub) -> None:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (overrides --epochs)")
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop when training has taken this long")
+    p.add_argument("--max-cpu-minutes", type=float, default=0.0,
+                   help="stop when this process has used this much CPU time (fair on a shared machine)")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per process per micro-step")
     p.add_argument("--grad-accum", type=int, default=4, help="micro-steps per optimizer step")
     p.add_argument("--lr", type=float, default=2e-4)
@@ -99,7 +101,7 @@ def run_sft(args: argparse.Namespace) -> int:
                       target_modules=args.target_modules, layers=parse_layers(args.lora_layers))
     cfg = SFTConfig(
         model=args.model, mmproj=args.mmproj, out=str(args.out), epochs=args.epochs, max_steps=args.max_steps,
-        max_minutes=args.max_minutes, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        max_minutes=args.max_minutes, max_cpu_minutes=args.max_cpu_minutes, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, schedule=args.schedule,
         max_grad_norm=args.max_grad_norm, seed=args.seed, max_len=args.max_len, packing=args.packing,
         gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype, quantize=args.quant,

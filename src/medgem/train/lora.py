@@ -27,8 +27,9 @@ from medgem.errors import CheckpointError, ConfigError
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 ALL_LINEAR = "all-linear"
-# Never adapted: the LM head is tied to the embedding matrix (262k rows) in every Gemma 3.
-EXCLUDED = ("lm_head",)
+# Never adapted: the LM head, tied to the embedding matrix (262k rows) in every Gemma 3, and the
+# engine's int8 embedding table that stores it when quantized.
+EXCLUDED = ("lm_head", "table")
 
 
 @dataclass
@@ -219,8 +220,11 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], sourc
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into a plain fp32 nn.Linear (a quantized base is dequantized first)."""
     for path, m in lora_modules(model).items():
-        merged = nn.Linear(m.in_features, m.out_features, bias=False, device=m.lora_A.device)
+        bias = getattr(m.base, "bias", None)
+        merged = nn.Linear(m.in_features, m.out_features, bias=bias is not None, device=m.lora_A.device)
         merged.weight = nn.Parameter(m.merged_weight(), requires_grad=False)
+        if bias is not None:
+            merged.bias = nn.Parameter(bias.detach().float(), requires_grad=False)
         _set_module(model, path, merged)
     return model
 

@@ -57,6 +57,8 @@ class SFTConfig:
     epochs: float = 1.0
     max_steps: int = 0  # 0: as many as `epochs` take
     max_minutes: float = 0.0  # stop after the step that crosses this much training time (0: no limit)
+    # The same in CPU time of this process (all threads): the fair budget on a machine shared with other jobs.
+    max_cpu_minutes: float = 0.0
     batch_size: int = 1  # per process and micro-step
     grad_accum: int = 4
     lr: float = 2e-4
@@ -375,11 +377,11 @@ class Trainer:
         if latest is not None:
             start = self.load_checkpoint(latest)
             log.info("resuming from %s", latest.name)
-        elif self.latest_checkpoint() is not None and self.dist.main:
+        elif self.latest_checkpoint() is not None:
             raise CheckpointError(f"{self.checkpoint_dir} already holds checkpoints; pass --resume or a new --out")
         log_csv = curves.CsvLog(self.out / "log.csv", start) if self.dist.main else None
         n = len(self.train_examples)
-        began = time.perf_counter()
+        began, cpu_began = time.perf_counter(), time.process_time()
         eval_losses: dict[int, float] = {}
         bar = tqdm(total=self.total_steps, initial=start, desc="finetune", unit="step",
                    disable=not (self.progress and self.dist.main))
@@ -387,7 +389,7 @@ class Trainer:
         for step in range(start, self.total_steps):
             row = {"step": step + 1, "epoch": round((step + 1) * self.global_batch / n, 4), **self.train_step(step)}
             done = step + 1
-            out_of_time = bool(cfg.max_minutes) and self._out_of_time(began)
+            out_of_time = bool(cfg.max_minutes or cfg.max_cpu_minutes) and self._out_of_time(began, cpu_began)
             last = done == self.total_steps or out_of_time
             if self.eval_examples and (last or (cfg.eval_every and done % cfg.eval_every == 0)):
                 row["eval_loss"] = eval_losses[done] = self.evaluate()
@@ -399,17 +401,22 @@ class Trainer:
             if cfg.save_every and done % cfg.save_every == 0 and not last:
                 self.save_checkpoint(done)
             if out_of_time:
-                log.warning("stopped after step %d: the %g minute limit is reached", done, cfg.max_minutes)
+                log.warning("stopped after step %d: the time limit is reached", done)
                 break
         bar.close()
-        return self._finish(start, time.perf_counter() - began, eval_losses, done)
+        return self._finish(start, time.perf_counter() - began, time.process_time() - cpu_began, eval_losses, done)
 
-    def _out_of_time(self, began: float) -> bool:
-        """Whether the time limit is spent; process 0's clock decides for all, so they stop together."""
-        spent = time.perf_counter() - began > self.cfg.max_minutes * 60 if self.dist.main else False
+    def _out_of_time(self, began: float, cpu_began: float) -> bool:
+        """Whether a time limit is spent; process 0's clocks decide for all, so they stop together."""
+        cfg, spent = self.cfg, False
+        if self.dist.main:
+            wall, cpu = time.perf_counter() - began, time.process_time() - cpu_began
+            spent = bool(cfg.max_minutes and wall > cfg.max_minutes * 60) or bool(
+                cfg.max_cpu_minutes and cpu > cfg.max_cpu_minutes * 60)
         return self.dist.sum(float(spent)) > 0
 
-    def _finish(self, start: int, seconds: float, eval_losses: dict[int, float], done: int) -> dict[str, Any]:
+    def _finish(self, start: int, seconds: float, cpu_seconds: float, eval_losses: dict[int, float],
+                done: int) -> dict[str, Any]:
         self.model.eval()  # the caller's pipeline generates with the adapted model next
         rows = curves.read_rows(self.out / "log.csv") if self.dist.main else []
         summary = {
@@ -417,7 +424,7 @@ class Trainer:
             "resumed_at": start,
             "processes": self.dist.world, "global_batch": self.global_batch,
             "train_examples": len(self.train_examples), "eval_examples": len(self.eval_examples),
-            "train_seconds": round(seconds, 2),
+            "train_seconds": round(seconds, 2), "train_cpu_seconds": round(cpu_seconds, 2),
             "first_loss": float(rows[0]["loss"]) if rows else None,
             "last_loss": float(rows[-1]["loss"]) if rows else None,
             "eval_loss": {str(k): v for k, v in sorted(eval_losses.items())},
