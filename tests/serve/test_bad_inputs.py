@@ -206,6 +206,10 @@ def test_server_is_healthy_afterwards(http):
     metrics = http.get("/metrics").text
     assert not re.search(r'medgem_requests_total\{[^}]*status="5\d\d"', metrics), metrics
     assert re.search(r'medgem_requests_total\{route="/v1/chat/completions",status="422"\} [1-9]', metrics)
+    for name in ("medgem_prompt_tokens_total", "medgem_completion_tokens_total", "medgem_engine_queue_depth",
+                 "medgem_request_latency_seconds_bucket", "medgem_time_to_first_token_seconds_bucket",
+                 "medgem_in_flight_requests", "medgem_engine_free_slots"):
+        assert re.search(rf"^{name}(\{{[^}}]*\}})? ", metrics, re.MULTILINE), name
 
 
 def test_every_response_carries_the_notice_and_cors_is_off(http):

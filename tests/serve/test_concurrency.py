@@ -1,9 +1,10 @@
 """The bounded queue and cancellation, on a server with one batch slot and one queue place: a full
-queue answers 429 with Retry-After, and a client that goes away stops its generation (the engine's
-own counters show it), streaming or not."""
+queue answers 429 with Retry-After, a stream waiting for the slot gets keep-alive comments, and a
+client that goes away stops its generation (the engine's own counters show it), streaming or not."""
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -11,6 +12,7 @@ import time
 import httpx
 import pytest
 
+from medgem.serve import routes
 from medgem.serve.settings import Limits, ServeSettings
 
 MODEL = "gemma-3-270m"
@@ -37,11 +39,16 @@ def wait_for(condition, seconds=60.0) -> None:
         time.sleep(0.05)
 
 
-def test_full_queue_is_429_and_a_dropped_stream_is_cancelled(busy):
-    waiting: dict[str, httpx.Response] = {}
+def test_full_queue_is_429_and_a_dropped_stream_is_cancelled(busy, monkeypatch):
+    monkeypatch.setattr(routes, "KEEPALIVE_SECONDS", 0.1)
+    waiting: list[str] = []
 
-    def queued() -> None:
-        waiting["reply"] = httpx.post(f"{busy}/v1/completions", json={**LONG, "max_tokens": 3}, timeout=120)
+    def queued() -> None:  # a stream that waits for the slot: keep-alive comments, then its answer
+        body = {**LONG, "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"{busy}/v1/completions", json=body, timeout=120) as reply:
+            for line in reply.iter_lines():
+                if line:
+                    waiting.append(line)
 
     with httpx.Client(base_url=busy, timeout=120) as first, \
             first.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as stream:
@@ -53,9 +60,11 @@ def test_full_queue_is_429_and_a_dropped_stream_is_cancelled(busy):
         refused = httpx.post(f"{busy}/v1/completions", json=LONG, timeout=30)
         assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
         assert refused.json()["error"]["type"] == "rate_limit_error" and refused.headers["x-medgem-notice"]
+        wait_for(lambda: len(waiting) > 0)  # the waiting stream is being kept alive
     # leaving the block dropped the stream after its first tokens: the queued request runs now
     thread.join(timeout=120)
-    assert waiting["reply"].status_code == 200 and waiting["reply"].json()["usage"]["completion_tokens"] == 3
+    assert waiting[0] == ": waiting" and waiting[-1] == "data: [DONE]"
+    assert json.loads(waiting[-2][len("data: "):])["usage"]["completion_tokens"] == 3
     assert metric(busy, "medgem_engine_requests_cancelled_total") == 1
     assert metric(busy, "medgem_cancelled_requests_total") == 1
     assert metric(busy, "medgem_engine_generated_tokens_total") < 64  # the dropped stream never finished

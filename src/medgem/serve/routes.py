@@ -3,10 +3,9 @@ the web page uses; health, readiness and metrics.
 
 A generation request goes: key check -> body schema (FastAPI) -> model name and limits -> images
 decoded and prompt tokenised (in a worker thread, off the event loop) -> prompt-length check ->
-engine submit (429 when the queue is full) -> the first event awaited, so that any refusal is still
-an ordinary 4xx -> JSON, or server-sent events ending with `data: [DONE]`. A client that goes away
-cancels its generation: streaming through Starlette's disconnect handling, non-streaming through a
-watcher on the connection.
+engine submit (429 when the queue is full) -> JSON when every choice is done, or server-sent events
+at once, ending with `data: [DONE]`. A client that goes away cancels its generation: streaming
+through Starlette's disconnect handling, non-streaming through a watcher on the connection.
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 Prompts = list[tuple[list[int], Any]]
+KEEPALIVE_SECONDS = 10.0  # an SSE comment this often while a stream waits, so proxies and clients keep it open
 
 
 def runtime(request: Request) -> Runtime:
@@ -65,12 +65,16 @@ keyed = [Depends(require_key)]
 
 
 # -- request checks ---------------------------------------------------------------------------------
-def _sampling(body: SamplingFields, rt: Runtime, max_tokens: int | None) -> SamplingParams:
-    """Limits on n and max_tokens, refused features, then the engine's sampling parameters."""
-    limits = rt.settings.limits
+def _refuse_unsupported(body: SamplingFields | EmbeddingRequest) -> None:
     feature = body.unsupported()
     if feature:
         raise APIError(400, f"{feature} is not supported by this server", param=feature, code="unsupported_parameter")
+
+
+def _sampling(body: SamplingFields, rt: Runtime, max_tokens: int | None) -> SamplingParams:
+    """Refused features, limits on n and max_tokens, then the engine's sampling parameters."""
+    limits = rt.settings.limits
+    _refuse_unsupported(body)
     if body.n > limits.max_n:
         raise APIError(400, f"n is {body.n}; this server returns at most {limits.max_n} choices",
                        param="n", code="n_too_large")
@@ -120,25 +124,9 @@ class Run:
         self.started = time.perf_counter()
         self.first_text: float | None = None
         self.events = rt.backend.submit(prompts, params, n)
-        self.first: tuple[int, Event] | None = None
-
-    async def begin(self) -> None:
-        """Wait for the first event: an admission error raised here is still an ordinary response."""
-        try:
-            self.first = await anext(self.events)
-        except asyncio.CancelledError:
-            self.rt.metrics.cancelled.inc()
-            raise
-        except BaseException:
-            await self.events.aclose()
-            raise
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, Event]]:
         try:
-            pending = [self.first] if self.first else []
-            self.first = None
-            for item in pending:
-                yield self._seen(item)
             async for item in self.events:
                 yield self._seen(item)
         except asyncio.CancelledError:
@@ -171,7 +159,7 @@ class Run:
 
 
 class ClientGone(Exception):
-    """The client disconnected before its answer started."""
+    """The client disconnected before its answer was ready."""
 
 
 async def _unless_gone(request: Request, step):
@@ -197,22 +185,38 @@ def _sse(data: dict[str, Any] | str) -> str:
 
 
 async def _event_stream(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
-    """SSE lines; an error after the headers went out becomes an error event, and [DONE] always ends it."""
+    """SSE lines, with a comment line as keep-alive while a request waits for a batch slot; an error
+    after the headers went out becomes an error event, and `data: [DONE]` always ends the stream."""
+    pending: asyncio.Future | None = None
     try:
-        async for chunk in chunks:
+        while True:
+            pending = pending or asyncio.ensure_future(anext(chunks))
+            done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE_SECONDS)
+            if not done:
+                yield ": waiting\n\n"
+                continue
+            try:
+                chunk = pending.result()
+            except StopAsyncIteration:
+                break
+            pending = None
             yield _sse(chunk)
     except (APIError, MedgemError) as exc:
         err = exc if isinstance(exc, APIError) else medgem_error(exc)
         yield _sse(error_body(err.status, err.message, err.param, err.code))
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
     yield _sse("[DONE]")
 
 
 async def _respond(run: Run, request: Request, stream: AsyncIterator[dict[str, Any]] | None, answer) -> Response:
+    """Stream at once (the queue wait shows as keep-alives), or answer when every choice is done."""
+    if stream is not None:
+        return StreamingResponse(_event_stream(stream), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
-        await _unless_gone(request, run.begin())
-        if stream is not None:
-            return StreamingResponse(_event_stream(stream), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return JSONResponse(answer(await _unless_gone(request, run.gather())))
     except ClientGone:
         log.info("%s: client went away; generation cancelled", run.route)
@@ -233,8 +237,8 @@ async def chat_completions(body: ChatRequest, request: Request) -> Response:
         system = with_instruction(system)
     ids, pixels = await run_in_threadpool(pipe.prompt_inputs, messages, False, system)
     _check_prompt(rt, len(ids), "messages")
-    rt.metrics.prompt_tokens.inc(len(ids))
     run = Run(rt, "chat", [(ids, pixels)], params, body.n)
+    rt.metrics.prompt_tokens.inc(run.prompt_tokens)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": rt.model_id}
     split = rt.thinking  # a thinking model's thought is routed (reasoning on) or dropped (off)
 
@@ -320,9 +324,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     """MedSigLIP embeddings of texts and images (one shared space), unit length, in input order."""
     rt = runtime(request)
     encoder = rt.encoder(body.model)
-    feature = body.unsupported()
-    if feature:
-        raise APIError(400, f"{feature} is not supported by this server", param=feature, code="unsupported_parameter")
+    _refuse_unsupported(body)
     items = [body.input] if isinstance(body.input, str) else body.input
     images = [i for i, item in enumerate(items) if isinstance(item, ImagePart)]
     if len(images) > rt.settings.limits.max_images:
