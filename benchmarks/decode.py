@@ -1,7 +1,7 @@
 """Decode benchmark: medgem vs transformers vs llama.cpp on the same Gemma 3 270M GGUF, in one run.
 
 Each engine runs in its own subprocess so its peak RSS is its own. All engines get the same 128-token
-prompt (token ids) and generate 128 tokens greedily with 2 threads. Times are measured the same way
+prompt (token ids) and generate 128 tokens greedily with --threads threads (2 by default). Times are measured the same way
 for every engine:
   prefill tok/s = prompt tokens / time to the first generated token
   decode tok/s  = (new tokens - 1) / (time of the rest)
@@ -26,6 +26,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 PROFILE = os.environ.get("MEDGEM_BENCH_PROFILE") == "1"
+THREADS = int(os.environ.get("MEDGEM_BENCH_THREADS", "2"))
 ENGINES = ["medgem-fp32", "medgem-bf16", "medgem-int8", "medgem-int4", "transformers", "llama.cpp"]
 TEXT = (
     "Discharge summary. The patient is a 67-year-old man with a history of hypertension, type 2 diabetes "
@@ -58,7 +59,7 @@ def run_medgem(mode: str, ids: list[int], new: int, runs: int) -> dict:
     import medgem
     from medgem.engine.sampling import SamplingParams
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     dtype, quant = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"),
                     "int8": ("bfloat16", "int8"), "int4": ("bfloat16", "int4")}[mode]
     t0 = time.perf_counter()
@@ -100,7 +101,7 @@ def run_transformers(ids: list[int], new: int, runs: int) -> dict:
 
     from medgem.weights import embedded_gguf
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     path = embedded_gguf()
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
@@ -126,7 +127,7 @@ def run_llama_cpp(ids: list[int], new: int, runs: int) -> dict:
     from medgem.weights import embedded_gguf
 
     t0 = time.perf_counter()
-    llm = Llama(model_path=str(embedded_gguf()), n_threads=2, n_ctx=len(ids) + new + 8, verbose=False)
+    llm = Llama(model_path=str(embedded_gguf()), n_threads=THREADS, n_ctx=len(ids) + new + 8, verbose=False)
     load_s = time.perf_counter() - t0
 
     def once():
@@ -177,11 +178,13 @@ def main() -> None:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(RESULTS / "decode.json"))
     ap.add_argument("--profile", action="store_true", help="also write a torch.profiler table per medgem engine")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.prompt_tokens, args.new_tokens, args.runs)))
         return
-    env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MEDGEM_BENCH_THREADS=str(args.threads),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
                MEDGEM_BENCH_PROFILE="1" if args.profile else "0")
     results = {}
     for engine in args.engines.split(","):
@@ -208,7 +211,7 @@ def main() -> None:
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "runs": args.runs,
-        "threads": 2,
+        "threads": args.threads,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "load_avg_at_end": os.getloadavg()},
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
