@@ -93,7 +93,8 @@ def colour_image(path: Path, colour: str, rng: np.random.Generator) -> Path:
 
 
 def colour_rows(folder: Path, n: int, seed: int) -> list[dict]:
-    """Image questions whose one-word answer is the colour of the square."""
+    """Image questions whose one-word answer is the colour of the square; image paths are relative to
+    the parent of `folder` (where the JSONL goes)."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -101,7 +102,7 @@ def colour_rows(folder: Path, n: int, seed: int) -> list[dict]:
         colour = list(COLOURS)[i % len(COLOURS)]
         image = colour_image(folder / f"{seed}-{i}.png", colour, rng)
         rows.append({"messages": [
-            {"role": "user", "content": [{"type": "image", "image": image.name},
+            {"role": "user", "content": [{"type": "image", "image": f"{folder.name}/{image.name}"},
                                          {"type": "text", "text": "What colour is the square?"}]},
             {"role": "assistant", "content": colour}]})
     return rows

@@ -72,7 +72,7 @@ def test_prompt_completion_trains_the_completion_and_eos(text_pipe, tmp_path):
 
 def test_image_tokens_are_never_labelled(mm_pipe, tmp_path):
     """<start_of_image>, soft tokens and padding carry no label; the DICOM and PNG images both load."""
-    rows = colour_rows(tmp_path, 2, seed=0)
+    rows = colour_rows(tmp_path / "img", 2, seed=0)
     rows[1]["messages"][0]["content"][0]["image"] = get_testdata_file("CT_small.dcm")  # a real DICOM, absolute path
     # An image inside an assistant turn too, to see that its tokens are masked even there.
     rows[0]["messages"][1]["content"] = [{"type": "text", "text": "red, like"}, {"type": "image", "image": rows[0]["messages"][0]["content"][0]["image"]}]
@@ -124,7 +124,7 @@ def test_bad_lines_name_their_number(text_pipe, tmp_path, line, message):
 
 
 def test_images_on_a_text_model_are_a_capability_error(text_pipe, tmp_path):
-    rows = colour_rows(tmp_path, 1, seed=0)
+    rows = colour_rows(tmp_path / "img", 1, seed=0)
     with pytest.raises(CapabilityError, match="line 1: the data has images but the model has no vision tower"):
         read_jsonl(write_jsonl(tmp_path / "d.jsonl", rows), Encoder(text_pipe.tokenizer), 4096)
 

@@ -11,9 +11,11 @@ import pytest
 import torch
 
 import medgem
+from medgem.config import from_gguf_metadata
 from medgem.processing.images import ImageProcessor
+from medgem.processing.tokenizer import Tokenizer
 from medgem.train.lora import LoraConfig, apply_lora, merge_lora, save_adapter
-from medgem.weights import gguf_reader, load_text_model
+from medgem.weights import build_text_model, gguf_reader, medgem_home
 from medgem.weights.export import export_gguf, export_hf, export_mmproj
 
 from .conftest import colour_image, run_cli, tiny_multimodal, tiny_text
@@ -37,8 +39,8 @@ def merged_text():
 
 @pytest.fixture(scope="module")
 def prompt_ids(tiny_text_dir):
-    pipe = medgem.load(tiny_text_dir, dtype="float32", quant="none")
-    return torch.tensor([pipe.tokenizer.encode("Patient record: potassium 4.2 mmol/L on 2024-01-03. Answer:")])
+    tokenizer = Tokenizer.from_folder(tiny_text_dir)
+    return torch.tensor([tokenizer.encode("Patient record: potassium 4.2 mmol/L on 2024-01-03. Answer:")])
 
 
 def test_hf_export_loads_in_transformers(merged_text, prompt_ids, tiny_text_dir, tmp_path):
@@ -52,7 +54,7 @@ def test_hf_export_loads_in_transformers(merged_text, prompt_ids, tiny_text_dir,
         ours, theirs = merged_text(prompt_ids), ref(prompt_ids).logits
     assert (ours - theirs).abs().max() < TOL
     text = "Potassium 4.2 mmol/L <start_of_turn>model\n  spaces"
-    ours_tok = medgem.load(folder, dtype="float32", quant="none").tokenizer
+    ours_tok = Tokenizer.from_folder(folder)
     assert AutoTokenizer.from_pretrained(folder)(text, add_special_tokens=False)["input_ids"] == ours_tok.encode(
         text, add_bos=False)
 
@@ -87,6 +89,13 @@ def test_multimodal_hf_export_loads_in_transformers(tiny_text_dir, tmp_path):
     assert json.loads((folder / "preprocessor_config.json").read_text())["size"] == {"height": 28, "width": 28}
 
 
+def reload(reader) -> torch.nn.Module:
+    """The text model in a GGUF, through medgem's loader pieces, from an already open reader (parsing a
+    262k-token vocabulary is the slow part of opening a GGUF)."""
+    state = gguf_reader.read_text_state_dict(reader, torch.float32)
+    return build_text_model(from_gguf_metadata(gguf_reader.metadata(reader)), state, "export").eval()
+
+
 def test_gguf_export_has_llama_cpp_names_and_reloads(merged_text, prompt_ids, tiny_text_dir, embedded_gguf, tmp_path):
     path = export_gguf(merged_text, tmp_path / "model.gguf", tiny_text_dir, tensor_type="f32")
     reader = gguf_reader.open_gguf(path)
@@ -102,20 +111,20 @@ def test_gguf_export_has_llama_cpp_names_and_reloads(merged_text, prompt_ids, ti
     original = gguf_reader.open_gguf(embedded_gguf).fields
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type"):
         assert reader.fields[key].contents() == original[key].contents(), key
-    back = medgem.load(path, dtype="float32", quant="none")
     with torch.no_grad():
-        assert (back.model(prompt_ids) - merged_text(prompt_ids)).abs().max() < TOL
-    assert back.tokenizer.encode("Potassium 4.2 mmol/L") == medgem.load(tiny_text_dir, dtype="float32",
-                                                                         quant="none").tokenizer.encode("Potassium 4.2 mmol/L")
+        assert (reload(reader)(prompt_ids) - merged_text(prompt_ids)).abs().max() < TOL
+    tokenizer = Tokenizer.from_gguf(reader, medgem_home() / "tokenizers")
+    text = "Potassium 4.2 mmol/L"
+    assert tokenizer.encode(text) == Tokenizer.from_folder(tiny_text_dir).encode(text)
 
 
 def test_q8_gguf_is_close(merged_text, prompt_ids, tiny_text_dir, tmp_path):
     path = export_gguf(merged_text, tmp_path / "q8.gguf", tiny_text_dir, tensor_type="q8_0")
-    kinds = {t.name: t.tensor_type.name for t in gguf_reader.open_gguf(path).tensors}
+    reader = gguf_reader.open_gguf(path)
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
     assert kinds["blk.0.ffn_up.weight"] == "Q8_0" and kinds["blk.0.attn_norm.weight"] == "F32"
-    back, _ = load_text_model(path, "float32")
     with torch.no_grad():
-        a, b = back(prompt_ids)[0, -1], merged_text(prompt_ids)[0, -1]
+        a, b = reload(reader)(prompt_ids)[0, -1], merged_text(prompt_ids)[0, -1]
     assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.99
 
 

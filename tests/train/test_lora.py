@@ -133,3 +133,23 @@ def test_merge_keeps_the_biases_of_vision_linears():
         merged = merge_lora(model)(x, pixels)
     assert torch.equal(model.vision_tower.encoder.layers[0].mlp.fc1.bias, fc1)
     torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_checkpointing_gives_the_same_gradients(dtype):
+    """Recomputing layers in the backward pass changes memory, not the gradient (fp32 exactly, bf16 closely)."""
+    from medgem.train.sft import CausalLMLoss, enable_gradient_checkpointing
+
+    grads = []
+    for checkpointing in (False, True):
+        model = apply_lora(tiny_text().to(dtype), LoraConfig(dropout=0.1))
+        randomise_b(model)
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        x = ids(16)
+        torch.manual_seed(0)  # the same dropout masks, recomputed identically by the checkpoint
+        loss = CausalLMLoss(model.train())(x, x, torch.arange(16).expand(2, 16))
+        loss.backward()
+        assert torch.isfinite(loss)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    torch.testing.assert_close(grads[1], grads[0], atol=0 if dtype == torch.float32 else 1e-2, rtol=1e-5 if dtype == torch.float32 else 1e-2)

@@ -37,6 +37,19 @@ def test_schedules():
     assert cosine(4) > linear(4) and linear(10) == 0.0
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"fsdp": True}, "FSDP needs GPUs"),
+    ({"schedule": "step"}, "unknown schedule"),
+    ({"grad_accum": 0}, "grad_accum must be at least 1"),
+    ({"lr": 0}, "learning rate must be positive"),
+])
+def test_settings_are_checked(settings, message):
+    from medgem.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        SFTConfig(**settings).validate()
+
+
 def ehr_rows(patients: list[synth.SyntheticPatient]) -> list[dict]:
     """Short EHR-QA items: the facts a question needs as its context, the exact answer as the completion."""
     rows = []
@@ -77,7 +90,7 @@ def test_image_text_sft_beats_chance(tiny_mm_dir, tmp_path):
 
     def accuracy() -> float:
         prompts = [[{**row["messages"][0], "content": [
-            {**row["messages"][0]["content"][0], "image": str(tmp_path / "held" / row["messages"][0]["content"][0]["image"])},
+            {**row["messages"][0]["content"][0], "image": str(tmp_path / row["messages"][0]["content"][0]["image"])},
             row["messages"][0]["content"][1]]}] for row in held_out]
         answers = pipe.generate_batch(prompts, max_new_tokens=2, temperature=0.0)
         return sum(a.strip().startswith(r["messages"][1]["content"]) for a, r in zip(answers, held_out)) / len(held_out)

@@ -12,8 +12,9 @@ Determinism is designed in, so a resumed run repeats the uninterrupted one bit f
 The loss is summed over label tokens and divided by the label tokens of the whole global batch
 (known in advance on every process), so N processes with accumulation A compute the same gradient
 as one process with accumulation N x A. Distributed runs start under torchrun (`WORLD_SIZE` set):
-DDP, gloo on CPU or nccl on GPU; `fsdp=True` shards with FSDP instead (for models that do not fit
-one device; only exercised on GPU machines).
+DDP, gloo on CPU or nccl on GPU; `fsdp=True` shards with FSDP instead, for models that do not fit
+one GPU. FSDP needs CUDA (PyTorch's FSDP refuses CPU-only machines), has no mid-run checkpoints, and
+has not been run here: no GPU machine was available when it was written.
 """
 
 from __future__ import annotations
@@ -92,6 +93,10 @@ class SFTConfig:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.lr <= 0:
             raise ConfigError(f"learning rate must be positive, got {self.lr}")
+        if self.fsdp and not self.device.startswith("cuda"):
+            raise ConfigError("FSDP needs GPUs (--device cuda); on CPUs run torchrun without --fsdp (DDP)")
+        if self.fsdp and self.save_every:
+            raise ConfigError("mid-run checkpoints are not supported with FSDP yet; drop --save-every")
 
 
 # -- processes -----------------------------------------------------------------------------------------
@@ -415,6 +420,14 @@ class Trainer:
                 cfg.max_cpu_minutes and cpu > cfg.max_cpu_minutes * 60)
         return self.dist.sum(float(spent)) > 0
 
+    def _full_parameters(self):
+        """FSDP keeps each process's shard only: gather whole adapter tensors before saving them."""
+        if not self.cfg.fsdp or self.dist.world == 1:
+            return contextlib.nullcontext()
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.summon_full_params(self.loss_module, writeback=False)
+
     def _finish(self, start: int, seconds: float, cpu_seconds: float, eval_losses: dict[int, float],
                 done: int) -> dict[str, Any]:
         self.model.eval()  # the caller's pipeline generates with the adapted model next
@@ -431,8 +444,10 @@ class Trainer:
             "trainable_parameters": sum(p.numel() for p in self.params),
             "config": asdict(self.cfg),
         }
+        with self._full_parameters():
+            if self.dist.main:
+                save_adapter(self.model, self.cfg.lora, self.out / "adapter", str(self.cfg.model or "embedded"))
         if self.dist.main:
-            save_adapter(self.model, self.cfg.lora, self.out / "adapter", str(self.cfg.model or "embedded"))
             if rows:
                 curves.plot(self.out / "log.csv", self.out / "loss.png")
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
