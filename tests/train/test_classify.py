@@ -1,5 +1,5 @@
 """Classifier heads on frozen image features: real fundus vs histopathology crops (scikit-image's
-retina and IHC images), MedGemma vision features, CSV errors, and the CLI."""
+retina and IHC images) with MedGemma vision features, through the API and the CLI."""
 
 from __future__ import annotations
 
@@ -10,14 +10,10 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from medgem.errors import InputError
-from medgem.train.classify import (
-    MedGemmaFeatures,
-    load_head,
-    predict_proba,
-    read_csv,
-    train_classifier,
-)
+import medgem
+from medgem.errors import CapabilityError
+from medgem.retrieval.probe import Probe, read_labelled
+from medgem.train.classify import medgemma_features, train_classifier
 
 from .conftest import run_cli
 
@@ -27,7 +23,7 @@ def crops_csv(tmp_path_factory):
     """40 random 96 px crops, half from a fundus photograph, half from an IHC colon section."""
     folder = tmp_path_factory.mktemp("crops")
     rng = np.random.default_rng(0)
-    rows = ["image,label"]
+    rows = ["path,label"]
     for label, image in (("fundus", skdata.retina()), ("histology", skdata.immunohistochemistry())):
         h, w = image.shape[:2]
         for i in range(20):
@@ -39,28 +35,18 @@ def crops_csv(tmp_path_factory):
 
 
 def test_head_on_medgemma_features_beats_chance(crops_csv, tiny_mm_dir, tmp_path):
-    import medgem
-
-    extract = MedGemmaFeatures(medgem.load(tiny_mm_dir, dtype="float32", quant="none"))
-    result = train_classifier(read_csv(crops_csv), extract, tmp_path / "head", eval_fraction=0.3)
+    extract = medgemma_features(medgem.load(tiny_mm_dir, dtype="float32", quant="none"))
+    result = train_classifier(read_labelled(crops_csv), extract, "tiny", tmp_path / "head", eval_fraction=0.3)
     assert result["eval"]["n"] == 12 and result["chance_accuracy"] == 0.5
     assert result["eval"]["accuracy"] >= 0.8 and result["eval"]["roc_auc"] >= 0.85
-    head = load_head(tmp_path / "head")
-    probs = predict_proba(head, extract(read_csv(crops_csv).paths[:3]))
+    head = Probe.load(tmp_path / "head" / "probe.json")
+    probs = head.predict_proba(extract(read_labelled(crops_csv)[0][:3]))
     assert probs.shape == (3, 2) and np.allclose(probs.sum(axis=1), 1)
 
 
-def test_csv_errors_name_the_row(tmp_path):
-    (tmp_path / "a.png").write_bytes(b"")
-    (tmp_path / "bad.csv").write_text("image,label\na.png,x\nmissing.png,y\n")
-    with pytest.raises(InputError, match="bad.csv line 3: image file not found"):
-        read_csv(tmp_path / "bad.csv")
-    (tmp_path / "cols.csv").write_text("path,label\na.png,x\n")
-    with pytest.raises(InputError, match=r"lacks column\(s\) \['image'\]"):
-        read_csv(tmp_path / "cols.csv")
-    (tmp_path / "one.csv").write_text("image,label\na.png,x\na.png,x\n")
-    with pytest.raises(InputError, match="at least two different labels"):
-        read_csv(tmp_path / "one.csv")
+def test_text_only_model_has_no_image_features(tiny_text_dir):
+    with pytest.raises(CapabilityError, match="has no vision tower"):
+        medgemma_features(medgem.load(tiny_text_dir, dtype="float32", quant="none"))
 
 
 def test_cli_classify(crops_csv, tiny_mm_dir, tmp_path):
@@ -69,6 +55,7 @@ def test_cli_classify(crops_csv, tiny_mm_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["eval"]["accuracy"] > report["chance_accuracy"]
-    text_only = run_cli(["finetune", "classify", str(crops_csv), "--model", str(tmp_path / "nope"), "--out",
-                         str(tmp_path / "x")], tmp_path)
-    assert text_only.returncode == 2 and "model not found" in text_only.stderr
+    assert (tmp_path / "h" / "probe.json").is_file()
+    missing = run_cli(["finetune", "classify", str(crops_csv), "--model", str(tmp_path / "nope"), "--out",
+                       str(tmp_path / "x")], tmp_path)
+    assert missing.returncode == 2 and "model not found" in missing.stderr

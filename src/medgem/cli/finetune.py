@@ -162,29 +162,29 @@ def run_merge(args: argparse.Namespace) -> int:
 
 def _register_classify(sub) -> None:
     p = sub.add_parser("classify", help="train a classifier head on frozen MedGemma or MedSigLIP image features",
-                       description="A CSV with image paths (relative to the CSV; PNG, JPEG or DICOM) and labels. "
-                       "Fits a linear head on frozen image features and reports held-out accuracy and ROC AUC.")
-    p.add_argument("data", type=Path, help="CSV with image and label columns")
+                       description="A CSV with path (or image) and label columns; image paths are relative to "
+                       "the CSV (PNG, JPEG or DICOM). Fits a logistic-regression head on frozen image features "
+                       "and reports held-out accuracy and ROC AUC. Writes OUT/probe.json and OUT/metrics.json.")
+    p.add_argument("data", type=Path, help="CSV with path and label columns")
     p.add_argument("--out", type=Path, required=True, help="output folder for the head")
     _model_flags(p)
     p.add_argument("--siglip", action="store_true", help="--model is a MedSigLIP folder (default: multimodal MedGemma)")
     p.add_argument("--eval-csv", type=Path, help="eval CSV (default: a stratified --eval-fraction of DATA)")
     p.add_argument("--eval-fraction", type=float, default=0.2)
-    p.add_argument("--image-column", default="image")
-    p.add_argument("--label-column", default="label")
     p.add_argument("--c", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_classify)
 
 
 def run_classify(args: argparse.Namespace) -> int:
-    from medgem.train.classify import feature_extractor, read_csv, train_classifier
+    from medgem.retrieval.probe import read_labelled
+    from medgem.train.classify import feature_extractor, train_classifier
 
     print_notice()
-    data = read_csv(args.data, args.image_column, args.label_column)
-    eval_data = read_csv(args.eval_csv, args.image_column, args.label_column) if args.eval_csv else None
-    extract = feature_extractor(args.model, args.siglip, args.mmproj, args.device)
-    result = train_classifier(data, extract, args.out, eval_data, args.eval_fraction, args.c, args.seed)
+    data = read_labelled(args.data)
+    eval_data = read_labelled(args.eval_csv) if args.eval_csv else None
+    extract, fingerprint = feature_extractor(args.model, args.siglip, args.mmproj, args.device)
+    result = train_classifier(data, extract, fingerprint, args.out, eval_data, args.eval_fraction, args.c, args.seed)
     print(json.dumps({"eval": result["eval"], "chance_accuracy": result["chance_accuracy"], "out": str(args.out)},
                      indent=1))
     return 0
