@@ -25,6 +25,18 @@ from medgem.train.sft import SFTConfig, Trainer, lr_lambda, train
 from .conftest import COLOURS, colour_rows, run_cli, write_jsonl
 
 
+def run_in_process(args: list[str]) -> None:
+    """`medgem ARGS` here, on one thread like the subprocesses of run_cli, so the arithmetic is identical."""
+    from medgem.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 def losses(out: Path) -> dict[int, float]:
     with (out / "log.csv").open() as f:
         return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}
@@ -107,8 +119,7 @@ def test_killed_run_resumes_bit_for_bit(tiny_text_dir, arithmetic_jsonl, tmp_pat
     uninterrupted run's (dropout on, so the RNG state has to come back too)."""
     args = ["finetune", "sft", str(arithmetic_jsonl), "--model", str(tiny_text_dir), "--max-steps", "16",
             "--batch-size", "2", "--grad-accum", "2", "--lr", "5e-3", "--lora-dropout", "0.1", "--no-progress"]
-    whole = run_cli([*args, "--out", str(tmp_path / "whole")], tmp_path)
-    assert whole.returncode == 0, whole.stderr
+    run_in_process([*args, "--out", str(tmp_path / "whole")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     command = [sys.executable, "-c", "import sys; from medgem.cli import main; sys.exit(main())"]
     killed = subprocess.Popen([*command, *args, "--out", str(tmp_path / "cut"), "--save-every", "1"], cwd=tmp_path,
@@ -133,22 +144,24 @@ def test_killed_run_resumes_bit_for_bit(tiny_text_dir, arithmetic_jsonl, tmp_pat
 
 
 def test_resume_refuses_changed_settings_and_existing_checkpoints(tiny_text_dir, arithmetic_jsonl, tmp_path):
-    args = ["finetune", "sft", str(arithmetic_jsonl), "--model", str(tiny_text_dir), "--max-steps", "2",
-            "--batch-size", "1", "--grad-accum", "1", "--save-every", "1", "--out", str(tmp_path / "run"),
-            "--no-progress"]
-    assert run_cli(args, tmp_path).returncode == 0
-    again = run_cli(args, tmp_path)
-    assert again.returncode == 2 and "already holds checkpoints" in again.stderr
-    changed = run_cli([*args, "--lr", "1e-3", "--resume"], tmp_path)
-    assert changed.returncode == 2 and "lr was 0.0002, now 0.001" in changed.stderr
+    from medgem.errors import CheckpointError
+
+    def config(**changes) -> SFTConfig:
+        return SFTConfig(**{"model": str(tiny_text_dir), "out": str(tmp_path / "run"), "max_steps": 2,
+                            "batch_size": 1, "grad_accum": 1, "save_every": 1, **changes})
+
+    Trainer(config(), arithmetic_jsonl, progress=False).run()
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        Trainer(config(), arithmetic_jsonl, progress=False).run()
+    with pytest.raises(CheckpointError, match="lr was 0.0002, now 0.001"):
+        Trainer(config(lr=1e-3), arithmetic_jsonl, progress=False).run(resume=True)
 
 
 def test_ddp_two_processes_match_one(tiny_text_dir, arithmetic_jsonl, tmp_path):
     """torchrun, 2 processes on gloo, batch 1 each = 1 process accumulating 2: same losses and adapter."""
     common = ["finetune", "sft", str(arithmetic_jsonl), "--model", str(tiny_text_dir), "--max-steps", "4",
               "--batch-size", "1", "--lr", "5e-3", "--lora-dropout", "0", "--no-progress"]
-    single = run_cli([*common, "--grad-accum", "2", "--out", str(tmp_path / "one")], tmp_path)
-    assert single.returncode == 0, single.stderr
+    run_in_process([*common, "--grad-accum", "2", "--out", str(tmp_path / "one")])
     entry = tmp_path / "entry.py"
     entry.write_text("import sys\nfrom medgem.cli import main\nsys.exit(main())\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -175,3 +188,14 @@ def test_cli_reports_bad_lines_without_traceback(tiny_text_dir, tmp_path):
                      tmp_path)
     assert result.returncode == 2
     assert "bad.jsonl line 2: not valid JSON" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_packed_training_runs_and_logs(tiny_text_dir, arithmetic_jsonl, tmp_path):
+    cfg = SFTConfig(model=str(tiny_text_dir), out=str(tmp_path / "run"), max_steps=3, batch_size=1, grad_accum=1,
+                    packing=True, max_len=64, quantize="none", eval_fraction=0.25)
+    trainer = Trainer(cfg, arithmetic_jsonl, progress=False)
+    assert len(trainer.train_examples) < 18 and all(len(r) <= 64 for r in trainer.train_examples)
+    summary = trainer.run()
+    assert summary["steps"] == 3 and summary["eval_examples"] == 6 and "3" in summary["eval_loss"]
+    rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert rows[0].startswith("step,epoch,loss,lr") and len(rows) == 4
