@@ -162,3 +162,27 @@ def test_cli_merge_writes_both_formats(tiny_mm_dir, tmp_path):
     for loaded in (medgem.load(out, dtype="float32", quant="none"),
                    medgem.load(out / "model.gguf", mmproj=out / "mmproj.gguf", dtype="float32", quant="none")):
         assert loaded.complete([messages], max_new_tokens=4, temperature=0.0)[0].token_ids == expected
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_a_merged_real_model(real_pipe, embedded_gguf, tmp_path):
+    """The embedded 270M with a merged adapter, exported to GGUF: llama.cpp (llama-cpp-python, when it is
+    installed; ENVIRONMENT.md has the build flags) gives the same next-token logits as medgem."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import copy
+
+    model = copy.deepcopy(real_pipe.model)
+    apply_lora(model, LoraConfig(layers=[16, 17]))
+    randomise_b(model)
+    merge_lora(model)
+    path = export_gguf(model, tmp_path / "merged.gguf", embedded_gguf, tensor_type="f32")
+    ids = real_pipe.tokenizer.encode("The patient was started on metformin for type 2 diabetes. A common side effect is")
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0, -1].numpy()
+        base = real_pipe.model(torch.tensor([ids]))[0, -1].numpy()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+    llm.eval(ids)
+    theirs = np.array(llm.scores[len(ids) - 1])
+    assert np.abs(ours - base).max() > 0.1  # the adapter changed the model, so agreement is about the merge
+    assert np.abs(ours - theirs).max() < 0.05
+    assert list(np.argsort(-ours)[:5]) == list(np.argsort(-theirs)[:5])
