@@ -44,10 +44,18 @@ def plot(log_csv: str | Path, png: str | Path, title: str = "LoRA fine-tuning") 
     rows = read_rows(log_csv)
     steps = [int(r["step"]) for r in rows]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=[3, 1])
-    top.plot(steps, [float(r["loss"]) for r in rows], label="train loss", lw=1)
+    loss = [float(r["loss"]) for r in rows]
+    window = max(1, len(loss) // 30)  # long runs are noisy step to step: draw a running mean over them
+    if window > 1:
+        top.plot(steps, loss, color="tab:blue", alpha=0.3, lw=0.8)
+        mean = [sum(loss[max(0, i - window + 1):i + 1]) / len(loss[max(0, i - window + 1):i + 1])
+                for i in range(len(loss))]
+        top.plot(steps, mean, color="tab:blue", lw=1.5, label=f"train loss (mean of {window} steps)")
+    else:
+        top.plot(steps, loss, color="tab:blue", lw=1, label="train loss")
     evals = [(int(r["step"]), float(r["eval_loss"])) for r in rows if r["eval_loss"]]
     if evals:
-        top.plot(*zip(*evals), "o-", label="eval loss", ms=4)
+        top.plot(*zip(*evals), "o-", color="tab:orange", label="eval loss", ms=4)
     top.set_ylabel("cross-entropy per label token")
     top.set_title(title)
     top.legend()
