@@ -47,9 +47,10 @@ def hf_reference(embedded_gguf):
 def tiny_medgemma(tmp_path_factory, real_pipe):
     """A random multimodal checkpoint folder: config, safetensors, tokenizer.json, preprocessor config."""
     import torch
-    from tokenizers import AddedToken
-    from tokenizers import Tokenizer as RawTokenizer
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from medgem.weights import embedded_gguf
+    from medgem.weights.export import write_tokenizer_files
 
     folder = tmp_path_factory.mktemp("serve") / "medgemma-tiny"
     torch.manual_seed(0)
@@ -67,9 +68,7 @@ def tiny_medgemma(tmp_path_factory, real_pipe):
             if "norm" in name or "projector" in name:
                 p.normal_(0, 0.3)
     model.save_pretrained(folder)
-    raw = RawTokenizer.from_str(real_pipe.tokenizer._backend.tok.to_str())  # Gemma's vocabulary, from the GGUF
-    raw.add_special_tokens([AddedToken("<image_soft_token>", normalized=False, special=True)])
-    raw.save(str(folder / "tokenizer.json"))
+    write_tokenizer_files(embedded_gguf(), folder, image_token=True)  # Gemma's vocabulary, from the GGUF
     (folder / "preprocessor_config.json").write_text(json.dumps(
         {"image_processor_type": "Gemma3ImageProcessor", "size": {"height": 28, "width": 28}, "resample": 2,
          "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))

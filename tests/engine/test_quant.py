@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import medgem
-from medgem.engine.quant import Int4Linear, Int8Embedding, Int8Linear, quantize_text_model
+from medgem.engine.quant import Int4Linear, Int8Embedding, Int8Linear, greedy_agreement, quantize_text_model
 from medgem.errors import InputError
 
 
@@ -44,11 +44,14 @@ def test_unknown_mode():
 def test_int8_greedy_agrees_with_fp32_on_real_weights(real_pipe):
     prompts = ["The most common cause of community-acquired pneumonia is",
                "Insulin is produced by", "Symptoms of a stroke include"]
+    prompt_ids = [real_pipe.prompt_ids(p, raw=True) for p in prompts]
     reference = [c.token_ids for c in real_pipe.complete(prompts, raw=True, max_new_tokens=24)]
+    sequences = [p + r for p, r in zip(prompt_ids, reference)]
+    lens = [len(p) for p in prompt_ids]
+    assert greedy_agreement(real_pipe.model, sequences, lens) == 1.0  # the reference agrees with itself
     quant = medgem.load(quant="int8")
     assert isinstance(quant.model.lm_head, Int8Linear) and quant.model.embed_tokens.table is quant.model.lm_head
-    got = [c.token_ids for c in quant.complete(prompts, raw=True, max_new_tokens=24)]
-    agree = sum(a == b for r, g in zip(reference, got) for a, b in zip(r, g)) / sum(map(len, reference))
+    agree = greedy_agreement(quant.model, sequences, lens)
     assert agree >= 0.9, f"int8 greedy agreement {agree:.2f}"
 
 

@@ -27,8 +27,7 @@ from medgem.engine.cache import KVCache
 from medgem.errors import CapabilityError, CheckpointError, InputError
 from medgem.nn.medgemma import MultiModalProjector, image_groups
 from medgem.nn.vision import SiglipVisionTower
-from medgem.processing.tokenizer import Tokenizer
-from medgem.weights import gguf_reader, medgem_home
+from medgem.weights.export import write_tokenizer_files
 from medgem.weights.multimodal import load_multimodal_model, mmproj_name
 
 TOL = 1e-4
@@ -417,16 +416,10 @@ CHAT = {**TINY, "text": {**TINY["text"], "vocab_size": 262_208},
 @pytest.fixture(scope="module")
 def chat_checkpoint(tmp_path_factory, embedded_gguf):
     """A random multimodal checkpoint with Gemma's real vocabulary, tokenizer.json and preprocessor config."""
-    from tokenizers import AddedToken
-    from tokenizers import Tokenizer as RawTokenizer
-
     folder = tmp_path_factory.mktemp("chat") / "medgemma-tiny"
     ref = save_reference(folder, CHAT)
     ref.generation_config.eos_token_id = [1, 106]
-    ours = Tokenizer.from_gguf(gguf_reader.open_gguf(embedded_gguf), medgem_home() / "tokenizers")
-    raw = RawTokenizer.from_str(ours._backend.tok.to_str())
-    raw.add_special_tokens([AddedToken("<image_soft_token>", normalized=False, special=True)])
-    raw.save(str(folder / "tokenizer.json"))
+    write_tokenizer_files(embedded_gguf, folder, image_token=True)
     (folder / "preprocessor_config.json").write_text(json.dumps(
         {"image_processor_type": "Gemma3ImageProcessor", "size": {"height": 28, "width": 28}, "resample": 2,
          "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_pan_and_scan": None}))

@@ -24,6 +24,7 @@ from medgem.processing.images import ImageProcessor
 from medgem.processing.multimodal import MultimodalProcessor, message_images
 from medgem.processing.tokenizer import Tokenizer, render_chat
 from medgem.weights import gguf_reader, medgem_home
+from medgem.weights.export import write_tokenizer_files
 
 SOFT = 262_144
 
@@ -34,16 +35,14 @@ def tokenizer(embedded_gguf):
 
 
 @pytest.fixture(scope="module")
-def hf_processor(tokenizer, tmp_path_factory):
-    from tokenizers import AddedToken
+def hf_processor(embedded_gguf, tmp_path_factory):
     from tokenizers import Tokenizer as RawTokenizer
     from transformers import Gemma3ImageProcessorPil, Gemma3Processor, GemmaTokenizerFast
 
-    raw = RawTokenizer.from_str(tokenizer._backend.tok.to_str())
-    raw.add_special_tokens([AddedToken("<image_soft_token>", normalized=False, special=True)])
-    assert raw.token_to_id("<image_soft_token>") == SOFT
-    path = tmp_path_factory.mktemp("hf_tok") / "tokenizer.json"
-    raw.save(str(path))
+    folder = tmp_path_factory.mktemp("hf_tok")
+    write_tokenizer_files(embedded_gguf, folder, image_token=True)
+    path = folder / "tokenizer.json"
+    assert RawTokenizer.from_file(str(path)).token_to_id("<image_soft_token>") == SOFT
     hf_tokenizer = GemmaTokenizerFast(
         tokenizer_file=str(path),
         extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",

@@ -118,3 +118,20 @@ def quantize_text_model(model: nn.Module, mode: str, group_size: int = 32) -> nn
         model.lm_head = _quantized(head_source, mode, group_size)
     model.quantization = mode
     return model
+
+
+@torch.inference_mode()
+def greedy_agreement(model: nn.Module, sequences: list[list[int]], prompt_lens: list[int]) -> float:
+    """Share of a reference's greedy tokens that `model` also picks when fed the same prefix.
+
+    Teacher-forced, so one early disagreement does not turn every later token into a mismatch the
+    way comparing two free-running generations does.
+    """
+    agree = total = 0
+    for seq, start in zip(sequences, prompt_lens, strict=True):
+        if len(seq) <= start:
+            continue
+        logits = model(torch.tensor([seq]))[0, start - 1:-1]
+        agree += int((logits.argmax(-1) == torch.tensor(seq[start:])).sum())
+        total += len(seq) - start
+    return agree / max(total, 1)

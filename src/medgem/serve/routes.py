@@ -90,6 +90,7 @@ def _sampling(body: SamplingFields, rt: Runtime, max_tokens: int | None) -> Samp
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=body.seed,
         stop=tuple(stop),
+        ignore_eos=body.ignore_eos,
     )
 
 

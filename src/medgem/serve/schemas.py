@@ -71,6 +71,7 @@ class SamplingFields(_Body):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks, load tests)
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     n: int = Field(1, ge=1)
     stream: bool = False

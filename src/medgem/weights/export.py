@@ -101,7 +101,7 @@ def hf_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> d
     return text | others
 
 
-def _tokenizer_files(source: Path, folder: Path, image_token: bool) -> None:
+def write_tokenizer_files(source: Path, folder: Path, image_token: bool) -> None:
     """Copy an HF source's tokenizer files, or build tokenizer.json from a GGUF source's vocabulary."""
     if source.is_dir():
         copied = [name for name in HF_TOKENIZER_FILES if (source / name).is_file()]
@@ -155,7 +155,7 @@ def export_hf(model: torch.nn.Module, folder: str | Path, source: str | Path, *,
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     save_file(hf_state_dict(model, dtype), tmp / "model.safetensors", metadata={"format": "pt"})
     multimodal = isinstance(getattr(model, "config", None), MultimodalConfig)
-    _tokenizer_files(source, tmp, image_token=multimodal)
+    write_tokenizer_files(source, tmp, image_token=multimodal)
     if image_processor is not None:
         (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(image_processor), indent=1))
     if folder.exists():
