@@ -16,12 +16,19 @@ import torch
 
 from medgem.config import TextConfig, is_multimodal_hf_config
 from medgem.engine.generate import Completion, Generator
-from medgem.engine.quant import QUANT_MODES, quantize_text_model
+from medgem.engine.quant import QUANT_MODES, load_quantized_text_model, quantize_text_model
 from medgem.engine.sampling import SamplingParams
 from medgem.errors import CapabilityError, InputError
 from medgem.processing.multimodal import MultimodalProcessor
 from medgem.processing.tokenizer import Tokenizer, render_chat
-from medgem.weights import embedded_gguf, hf, load_text_model, local_checkpoint, medgem_home
+from medgem.weights import (
+    embedded_gguf,
+    hf,
+    load_text_model,
+    local_checkpoint,
+    medgem_home,
+    open_text_checkpoint,
+)
 from medgem.weights.multimodal import load_multimodal_model
 
 log = logging.getLogger(__name__)
@@ -172,11 +179,15 @@ def load(src: str | Path | None = None, *, mmproj: str | Path | None = None, dty
     if multimodal:
         model, info = load_multimodal_model(path, dtype, device, mmproj)
         text_config = model.text_config
+        if quant != "none":
+            quantize_text_model(model.language_model, quant)
+    elif quant != "none":  # straight from the file into int8/int4, a slice of rows at a time
+        cfg, tensors, info = open_text_checkpoint(path)
+        model = load_quantized_text_model(cfg, tensors, quant, path.name)
+        text_config = model.config
     else:
         model, info = load_text_model(path, dtype, device)
         text_config = model.config
-    if quant != "none":
-        quantize_text_model(getattr(model, "language_model", model), quant)
     if info["format"] == "gguf":
         tokenizer = Tokenizer.from_gguf(info["reader"], medgem_home() / "tokenizers")
     else:

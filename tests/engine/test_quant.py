@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 import medgem
-from medgem.engine.quant import Int4Linear, Int8Embedding, Int8Linear, greedy_agreement, quantize_text_model
-from medgem.errors import InputError
+from medgem.engine.quant import (
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    greedy_agreement,
+    load_quantized_text_model,
+    quantize_text_model,
+)
+from medgem.errors import CheckpointError, InputError
+from medgem.weights import load_text_model, open_text_checkpoint
 
 
 def relative_error(layer, weight, x):
@@ -66,3 +76,43 @@ def test_quantize_text_model_none_is_identity():
 
     model = Gemma3Text(tiny_text_config())
     assert quantize_text_model(model, "none") is model and isinstance(model.lm_head, torch.nn.Linear)
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.slow
+def test_loading_straight_into_int8_equals_quantizing_the_dense_model(embedded_gguf):
+    """The streamed loader (rows dequantized and quantized a slice at a time) builds the same model."""
+    dense, _ = load_text_model(embedded_gguf, "float32")
+    reference = quantize_text_model(dense, "int8")
+    cfg, tensors, _ = open_text_checkpoint(embedded_gguf)
+    streamed = load_quantized_text_model(cfg, tensors, "int8", embedded_gguf.name)
+    assert same_weights(streamed, reference) and streamed.lm_head is streamed.embed_tokens.table
+    assert streamed.inv_freq_global.dtype == torch.float32  # RoPE frequencies are not weights: never bf16
+    ids = torch.tensor([[2, 818, 6213, 563, 1164]])
+    with torch.inference_mode():
+        assert torch.equal(streamed(ids), reference(ids))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_streamed_quantized_load_from_safetensors(tmp_path, mode):
+    """The HF path slices safetensors rows; an untied head gets its own quantized matrix."""
+    from safetensors.torch import save_file
+
+    from medgem.config import tiny_text_config, to_hf_config
+    from medgem.nn.text import Gemma3Text
+
+    torch.manual_seed(3)
+    model = Gemma3Text(tiny_text_config(tie_word_embeddings=False, vocab_size=20_000)).eval()
+    save_file({f"model.{k}" if k != "lm_head.weight" else k: v.contiguous() for k, v in model.state_dict().items()},
+              str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(to_hf_config(model.config)))
+    reference = quantize_text_model(model, mode)
+    cfg, tensors, _ = open_text_checkpoint(tmp_path)
+    streamed = load_quantized_text_model(cfg, tensors, mode, "tiny", group_size=32)
+    assert same_weights(streamed, reference) and streamed.lm_head is not streamed.embed_tokens.table
+    with pytest.raises(CheckpointError, match="lacks tensor 'norm.weight'"):
+        load_quantized_text_model(cfg, {k: v for k, v in tensors.items() if k != "norm.weight"}, mode, "tiny")

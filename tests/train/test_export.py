@@ -11,11 +11,10 @@ import pytest
 import torch
 
 import medgem
-from medgem.config import from_gguf_metadata
 from medgem.processing.images import ImageProcessor
 from medgem.processing.tokenizer import Tokenizer
 from medgem.train.lora import LoraConfig, apply_lora, merge_lora, save_adapter
-from medgem.weights import build_text_model, gguf_reader, medgem_home
+from medgem.weights import gguf_reader, load_text_model, medgem_home
 from medgem.weights.export import export_gguf, export_hf, export_mmproj
 
 from .conftest import colour_image, run_cli, tiny_multimodal, tiny_text
@@ -89,11 +88,9 @@ def test_multimodal_hf_export_loads_in_transformers(tiny_text_dir, tmp_path):
     assert json.loads((folder / "preprocessor_config.json").read_text())["size"] == {"height": 28, "width": 28}
 
 
-def reload(reader) -> torch.nn.Module:
-    """The text model in a GGUF, through medgem's loader pieces, from an already open reader (parsing a
-    262k-token vocabulary is the slow part of opening a GGUF)."""
-    state = gguf_reader.read_text_state_dict(reader, torch.float32)
-    return build_text_model(from_gguf_metadata(gguf_reader.metadata(reader)), state, "export").eval()
+def reload(path) -> torch.nn.Module:
+    """The text model in a GGUF, through medgem's loader, dense float32."""
+    return load_text_model(path, "float32")[0]
 
 
 def test_gguf_export_has_llama_cpp_names_and_reloads(merged_text, prompt_ids, tiny_text_dir, embedded_gguf, tmp_path):
@@ -112,7 +109,7 @@ def test_gguf_export_has_llama_cpp_names_and_reloads(merged_text, prompt_ids, ti
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type"):
         assert reader.fields[key].contents() == original[key].contents(), key
     with torch.no_grad():
-        assert (reload(reader)(prompt_ids) - merged_text(prompt_ids)).abs().max() < TOL
+        assert (reload(path)(prompt_ids) - merged_text(prompt_ids)).abs().max() < TOL
     tokenizer = Tokenizer.from_gguf(reader, medgem_home() / "tokenizers")
     text = "Potassium 4.2 mmol/L"
     assert tokenizer.encode(text) == Tokenizer.from_folder(tiny_text_dir).encode(text)
@@ -124,7 +121,7 @@ def test_q8_gguf_is_close(merged_text, prompt_ids, tiny_text_dir, tmp_path):
     kinds = {t.name: t.tensor_type.name for t in reader.tensors}
     assert kinds["blk.0.ffn_up.weight"] == "Q8_0" and kinds["blk.0.attn_norm.weight"] == "F32"
     with torch.no_grad():
-        a, b = reload(reader)(prompt_ids)[0, -1], merged_text(prompt_ids)[0, -1]
+        a, b = reload(path)(prompt_ids)[0, -1], merged_text(prompt_ids)[0, -1]
     assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.99
 
 

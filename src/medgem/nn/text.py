@@ -199,7 +199,7 @@ class Gemma3Text(nn.Module):
     def finish_init(self) -> None:
         """Tie the LM head and compute RoPE tables; call again after loading weights with assign=True."""
         cfg = self.config
-        if cfg.tie_word_embeddings:
+        if cfg.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # quantized heads share rows already
             self.lm_head.weight = self.embed_tokens.weight
         device = self.embed_tokens.weight.device
         if device.type == "meta":

@@ -16,6 +16,7 @@ from medgem.config import TextConfig, from_gguf_metadata, from_hf_config
 from medgem.errors import CheckpointError
 from medgem.nn.text import Gemma3Text
 from medgem.weights import gguf_reader, hf
+from medgem.weights.lazy import LazyRows
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -95,8 +96,8 @@ def build_text_model(cfg: TextConfig, state: dict[str, torch.Tensor], source: st
     return model.to(device).eval()
 
 
-def read_text_checkpoint(src: str | Path, dtype: torch.dtype) -> tuple[TextConfig, dict[str, torch.Tensor], dict]:
-    """(config, state dict, extra info) from a GGUF file or an HF folder."""
+def open_text_checkpoint(src: str | Path) -> tuple[TextConfig, dict[str, LazyRows], dict]:
+    """(config, tensors read on demand, extra info) from a GGUF file or an HF folder."""
     path = Path(src)
     if not path.exists():
         raise CheckpointError(f"model not found: {src} (expected an HF folder or a .gguf file)")
@@ -105,13 +106,17 @@ def read_text_checkpoint(src: str | Path, dtype: torch.dtype) -> tuple[TextConfi
             raise CheckpointError(f"{path.name}: a model file must be .gguf; for safetensors pass the folder")
         index = gguf_reader.GGUFIndex.load(path, medgem_home() / "gguf-index")
         cfg = from_gguf_metadata(index.metadata)
-        state = gguf_reader.read_text_state_dict(index, dtype)
-        cfg.tie_word_embeddings = "lm_head.weight" not in state
-        return cfg, state, {"format": "gguf", "metadata": index.metadata, "reader": index}
+        tensors = gguf_reader.text_tensors(index)
+        cfg.tie_word_embeddings = "lm_head.weight" not in tensors
+        return cfg, tensors, {"format": "gguf", "metadata": index.metadata, "reader": index}
     raw = hf.read_config(path)
-    cfg = from_hf_config(raw)
-    state = hf.read_tensors(path, dtype, hf.text_key)
-    return cfg, state, {"format": "hf", "config": raw}
+    return from_hf_config(raw), hf.lazy_tensors(path, hf.text_key), {"format": "hf", "config": raw}
+
+
+def read_text_checkpoint(src: str | Path, dtype: torch.dtype) -> tuple[TextConfig, dict[str, torch.Tensor], dict]:
+    """(config, state dict in `dtype`, extra info) from a GGUF file or an HF folder."""
+    cfg, tensors, info = open_text_checkpoint(src)
+    return cfg, {name: t.read().to(dtype) for name, t in tensors.items()}, info
 
 
 def load_text_model(src: str | Path, dtype=None, device="cpu") -> tuple[Gemma3Text, dict]:

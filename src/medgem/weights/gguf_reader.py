@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from medgem.errors import CheckpointError
+from medgem.weights.lazy import LazyRows
 
 # llama.cpp leaf name -> our (HF) name inside a decoder layer.
 _LAYER_NAMES = {
@@ -90,18 +91,43 @@ def dequantize(tensor) -> np.ndarray:
     return np.array(array, dtype=np.float32).reshape(shape)  # a copy: F32 tensors arrive as read-only file views
 
 
-def read_text_state_dict(reader, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every text tensor, dequantized to `dtype`, with norms shifted back to zero-centred."""
-    state: dict[str, torch.Tensor] = {}
-    for tensor in reader.tensors:
-        name = hf_name(tensor.name)
+def text_tensors(index: GGUFIndex) -> dict[str, LazyRows]:
+    """Every text tensor by our name, read on demand (norms shifted back to zero-centred)."""
+    tensors: dict[str, LazyRows] = {}
+    for entry in index.tensors:
+        name = hf_name(entry.name)
         if name is None:
-            raise CheckpointError(f"unexpected tensor {tensor.name!r} in GGUF (not a Gemma 3 text weight)")
-        array = dequantize(tensor)
-        if name.endswith("norm.weight"):
-            array = array - 1.0
-        state[name] = torch.from_numpy(array).to(dtype)
-    return state
+            raise CheckpointError(f"unexpected tensor {entry.name!r} in GGUF (not a Gemma 3 text weight)")
+        tensors[name] = GGUFRows(entry, shift=-1.0 if name.endswith("norm.weight") else 0.0)
+    return tensors
+
+
+class GGUFRows(LazyRows):
+    """Rows of a GGUF tensor, dequantized to float32 from plain file reads (no mmap, so the file's pages
+    stay in the page cache instead of this process's RSS). GGUF quantizes along each row, so any row
+    range is a whole number of quant blocks."""
+
+    def __init__(self, entry: TensorEntry, shift: float = 0.0):
+        self.entry, self.shift = entry, shift
+        self.shape = tuple(int(d) for d in reversed(entry.shape))
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        if len(self.shape) == 1:  # a vector is one row
+            return self._read(0, 1).reshape(self.shape)
+        start, stop, _ = rows.indices(self.shape[0])
+        return self._read(start, stop).reshape(stop - start, *self.shape[1:])
+
+    def _read(self, start: int, stop: int) -> torch.Tensor:
+        import gguf
+
+        row_bytes = self.entry.n_bytes // (self.shape[0] if len(self.shape) > 1 else 1)
+        raw = np.fromfile(self.entry.path, dtype=np.uint8, count=(stop - start) * row_bytes,
+                          offset=self.entry.data_offset + start * row_bytes).reshape(stop - start, row_bytes)
+        kind = self.entry.tensor_type
+        typed = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}
+        array = raw.view(typed[kind]) if kind in typed else gguf.quants.dequantize(raw, kind)
+        out = torch.from_numpy(np.asarray(array, dtype=np.float32))
+        return out + self.shift if self.shift else out
 
 
 @dataclass

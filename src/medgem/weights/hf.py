@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from medgem.errors import CheckpointError
+from medgem.weights.lazy import LazyRows
 
 TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
 LM_HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight")
@@ -65,6 +66,33 @@ def read_tensors(folder: Path, dtype: torch.dtype, select=lambda key: key) -> di
         except Exception as exc:  # safetensors raises SafetensorError on truncated/corrupt headers
             raise CheckpointError(f"{file.name} is not a readable safetensors file (truncated?): {exc}") from exc
     return state
+
+
+class SafetensorsRows(LazyRows):
+    """Rows of one safetensors tensor, sliced from the file without reading the rest."""
+
+    def __init__(self, file: Path, key: str, shape: list[int]):
+        self.file, self.key, self.shape = file, key, tuple(shape)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        with safe_open(self.file, framework="pt") as f:
+            part = f.get_slice(self.key)
+            return part[:] if len(self.shape) == 1 else part[rows]
+
+
+def lazy_tensors(folder: Path, select=lambda key: key) -> dict[str, SafetensorsRows]:
+    """Like `read_tensors`, but nothing is read until a tensor's rows are asked for."""
+    tensors: dict[str, SafetensorsRows] = {}
+    for file in safetensors_files(folder):
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    name = select(key)
+                    if name is not None:
+                        tensors[name] = SafetensorsRows(file, key, f.get_slice(key).get_shape())
+        except Exception as exc:  # safetensors raises SafetensorError on truncated/corrupt headers
+            raise CheckpointError(f"{file.name} is not a readable safetensors file (truncated?): {exc}") from exc
+    return tensors
 
 
 def text_key(key: str) -> str | None:
