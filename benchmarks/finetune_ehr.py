@@ -15,6 +15,7 @@ Writes benchmarks/results/finetune_ehr.json (error rates before/after, per quest
 time, machine load) plus the loss curve PNG and the training log CSV next to it.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/finetune_ehr.py   # 100 train / 10 held-out patients
+    .venv/bin/python benchmarks/finetune_ehr.py --save runs/ehr    # then: medgem eval ehrqa / eval compare
     .venv/bin/python benchmarks/finetune_ehr.py --cpu-minutes 2 --train-patients 2 --eval-patients 1   # smoke
 """
 
@@ -36,6 +37,8 @@ import medgem
 from medgem.ehr import qa, synth
 from medgem.train.lora import LoraConfig, merge_lora
 from medgem.train.sft import SFTConfig, train
+from medgem.weights import embedded_gguf
+from medgem.weights.export import export_hf
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -61,6 +64,18 @@ def score(pipe, prompts: list[str], items: list[dict], batch: int = 8) -> dict:
             "by_kind": {k: {"n": len(v), "error": round(1 - sum(v) / len(v), 4)} for k, v in sorted(kinds.items())}}
 
 
+def save_for_eval(pipe, work: Path, eval_items: list[dict], folder: Path) -> None:
+    """The merged model as an HF folder, and the held-out questions as an ehrqa JSONL with their bundles."""
+    folder.mkdir(parents=True, exist_ok=True)
+    export_hf(pipe.model, folder / "finetuned", embedded_gguf())
+    for bundle in sorted({it["bundle"] for it in eval_items}):
+        (folder / bundle).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(work / bundle, folder / bundle)
+    with (folder / "heldout_qa.jsonl").open("w") as f:
+        for it in eval_items:
+            f.write(json.dumps(it) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--train-patients", type=int, default=100)
@@ -74,6 +89,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--top-layers", type=int, default=8, help="adapt only the top N decoder layers (0: all)")
     ap.add_argument("--out", type=Path, default=RESULTS / "finetune_ehr.json")
+    ap.add_argument("--save", type=Path, default=None,
+                    help="keep the merged model (HF folder) and the held-out questions with their FHIR bundles "
+                         "here, for `medgem eval ehrqa` and `medgem eval compare`")
     args = ap.parse_args()
 
     started, load_before = time.time(), os.getloadavg()
@@ -103,6 +121,8 @@ def main() -> None:
                     seed=args.seed)
     summary = train(cfg, work / "train.jsonl", pipe=pipe)
     merge_lora(pipe.model)
+    if args.save:
+        save_for_eval(pipe, work, eval_items, args.save)
 
     t = time.time()
     after = score(pipe, eval_prompts, eval_items)
