@@ -41,11 +41,12 @@ TEXT = (
 
 
 def prompt_ids(n: int) -> list[int]:
+    """Computed once in the parent and handed to the workers, so no worker's peak RSS includes it."""
     from medgem.processing.tokenizer import Tokenizer
     from medgem.weights import embedded_gguf, gguf_reader, medgem_home
 
-    tok = Tokenizer.from_gguf(gguf_reader.open_gguf(embedded_gguf()), medgem_home() / "tokenizers")
-    ids = tok.encode(TEXT * 4, add_bos=True)
+    index = gguf_reader.GGUFIndex.load(embedded_gguf(), medgem_home() / "gguf-index")
+    ids = Tokenizer.from_gguf(index, medgem_home() / "tokenizers").encode(TEXT * 4, add_bos=True)
     return ids[:n]
 
 
@@ -158,8 +159,7 @@ def measure(once, load_s: float, prompt_tokens: int, runs: int) -> dict:
     }
 
 
-def worker(engine: str, prompt_tokens: int, new: int, runs: int) -> dict:
-    ids = prompt_ids(prompt_tokens)
+def worker(engine: str, ids: list[int], new: int, runs: int) -> dict:
     if engine.startswith("medgem-"):
         return run_medgem(engine.split("-", 1)[1], ids, new, runs)
     if engine == "transformers":
@@ -176,19 +176,21 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--ids", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(RESULTS / "decode.json"))
     ap.add_argument("--profile", action="store_true", help="also write a torch.profiler table per medgem engine")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.prompt_tokens, args.new_tokens, args.runs)))
+        print(json.dumps(worker(args.worker, json.loads(args.ids), args.new_tokens, args.runs)))
         return
+    ids = prompt_ids(args.prompt_tokens)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MEDGEM_BENCH_THREADS=str(args.threads),
                HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
                MEDGEM_BENCH_PROFILE="1" if args.profile else "0")
     results = {}
     for engine in args.engines.split(","):
-        cmd = [sys.executable, __file__, "--worker", engine, "--prompt-tokens", str(args.prompt_tokens),
+        cmd = [sys.executable, __file__, "--worker", engine, "--ids", json.dumps(ids),
                "--new-tokens", str(args.new_tokens), "--runs", str(args.runs)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:

@@ -112,3 +112,13 @@ def test_chat_with_dicom_on_a_multimodal_checkpoint(tiny_medgemma):
     # 4 soft tokens for the image plus the markers and text, all counted in the prompt.
     assert out["prompt_tokens"] > 10 and out["completion_tokens"] >= 1
     assert "Traceback" not in proc.stderr and NOTICE in proc.stderr
+
+
+def test_draft_flag_keeps_greedy_text():
+    """--draft embedded: the 270M drafts for the (here: same, int8) model; the JSON answer is unchanged."""
+    args = ["generate", "--raw", "Chronic kidney disease is staged by", "--max-new-tokens", "16", "--temperature", "0",
+            "--json"]
+    plain, drafted = medgem(*args), medgem(*args, "--draft", "embedded", "--draft-tokens", "3")
+    assert plain.returncode == 0 and drafted.returncode == 0, drafted.stderr
+    assert json.loads(drafted.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
+    assert_clean_error(medgem("generate", "hi", "--draft", "embedded", "--draft-tokens", "0"), "at least 1 token")

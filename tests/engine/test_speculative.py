@@ -113,3 +113,27 @@ def test_real_model_drafting_for_itself_keeps_greedy_text(real_pipe):
         got = [[e for e in s][-1].completion.token_ids for s in streams]
     assert got == [real_pipe.engine.run([i], [params])[0].token_ids for i in ids]
     assert drafter.accepted >= 0.9 * drafter.proposed
+
+
+@pytest.mark.slow
+def test_pipeline_with_a_draft_keeps_greedy_text(real_pipe):
+    """`use_draft` (the --draft flag): the fp32 270M checked by itself with an int4 draft; the draft's
+    guesses differ now and then, the text never does, in complete() and in stream()."""
+    import medgem
+    from medgem.errors import InputError
+    from medgem.pipeline import Pipeline
+
+    target = Pipeline(real_pipe.model, real_pipe.tokenizer, real_pipe.config, "target")  # not the shared one
+    prompts = ["Sepsis is defined as", "The first-line treatment of anaphylaxis is"]
+    plain = [c.token_ids for c in target.complete(prompts, raw=True, max_new_tokens=24, temperature=0)]
+    target.use_draft(medgem.load(quant="int4"), k=3)
+    drafted = target.complete(prompts, raw=True, max_new_tokens=24, temperature=0)
+    assert [c.token_ids for c in drafted] == plain
+    assert "".join(target.stream(prompts[0], raw=True, max_new_tokens=24, temperature=0)) == drafted[0].text
+    stats = target._speculative.metrics()
+    assert 0 < stats["draft_tokens_accepted"] <= stats["draft_tokens_proposed"]
+    other = Pipeline(real_pipe.model, real_pipe.tokenizer, real_pipe.config, "other")
+    other.tokenizer = type(real_pipe.tokenizer).__new__(type(real_pipe.tokenizer))
+    other.tokenizer.__dict__.update(real_pipe.tokenizer.__dict__, encode=lambda text, add_bos=True: [2, 5])
+    with pytest.raises(InputError, match="does not share this model's tokenizer"):
+        target.use_draft(other)

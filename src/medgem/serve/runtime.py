@@ -44,6 +44,10 @@ def load_models(settings: ServeSettings) -> tuple[Pipeline, SiglipEncoder | None
 
     pipe = medgem.load(settings.model, mmproj=settings.mmproj, dtype=settings.dtype, device=settings.device,
                        quant=settings.quant)
+    if settings.draft:
+        draft = medgem.load(None if settings.draft == "embedded" else settings.draft, dtype=settings.dtype,
+                            device=settings.device, quant=settings.quant)
+        pipe.use_draft(draft, settings.draft_tokens)
     if settings.embedding_model is None:
         return pipe, None
     return pipe, medgem.load_siglip(settings.embedding_model, dtype=settings.dtype, device=settings.device)
