@@ -34,6 +34,9 @@ def test_int8_and_int4_kernels_match_dense_matmul():
     assert relative_error(Int4Linear(weight, 128), weight, x) > int4  # larger groups, coarser
     with pytest.raises(InputError, match="group size 48"):
         Int4Linear(weight, 48)
+    strided = torch.randn(2, 6, 640).bfloat16()[:, ::2]  # a batch's slice of a prompt: not contiguous
+    for layer in (Int8Linear(weight), Int4Linear(weight, 32)):
+        assert torch.equal(layer(strided), layer(strided.contiguous()))
 
 
 def test_int8_embedding_shares_the_head_rows():

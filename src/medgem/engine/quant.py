@@ -6,7 +6,8 @@ are fast only with bf16 activations, so a quantized model runs its activations i
 
 The tied embedding / LM head (168M of the 270M model's parameters) is quantized too: int8 rows serve
 both the LM head matmul and the embedding lookup (one copy). With int4, the head uses int4 and the
-embedding lookup keeps int8 rows.
+embedding lookup keeps int8 rows, unless the file stored the embedding with more than 4 bits (see
+`_quantized`: int4 never re-rounds a GGUF's 5-8-bit tensors), in which case one int8 copy serves both.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = q.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(ACT_DTYPE)
+        flat = x.reshape(-1, self.in_features).to(ACT_DTYPE).contiguous()  # the kernels need dense rows
         out = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scales)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
@@ -90,7 +91,7 @@ class Int4Linear(nn.Module):
         self.group_size, self.out_features, self.in_features = group_size, out_f, in_f
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(ACT_DTYPE)
+        flat = x.reshape(-1, self.in_features).to(ACT_DTYPE).contiguous()  # the kernels need dense rows
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.qweight, self.group_size, self.scales_zeros)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
@@ -113,8 +114,23 @@ class Int8Embedding(nn.Module):
         return self.table.scales
 
 
+INT4_MAX_STORED_BITS = 5.0  # int4 mode keeps int8 for tensors a GGUF stores with 5 or more bits
+
+
 def _quantized(weight: torch.Tensor | LazyRows, mode: str, group_size: int) -> nn.Module:
-    return Int8Linear(weight) if mode == "int8" else Int4Linear(weight, group_size)
+    """int8, or int4 unless the file stored this tensor with more bits than int4 can keep.
+
+    A Q4_K_M GGUF stores the sensitive tensors (v, part of down, the embedding) at 6-8 bits and the
+    rest at 4.5-5.5. Rounding those again to 4 bits costs far more than 4-bit quantization of a dense
+    checkpoint: on the 270M, perplexity +31 % with every tensor int4, +1.5 % with only the file's
+    4-bit tensors int4 (benchmarks/quant_quality.py). Dense float sources are all int4.
+    """
+    return Int8Linear(weight) if _int8(weight, mode) else Int4Linear(weight, group_size)
+
+
+def _int8(weight: torch.Tensor | LazyRows, mode: str) -> bool:
+    bits = getattr(weight, "stored_bits", None)
+    return mode == "int8" or (bits is not None and bits >= INT4_MAX_STORED_BITS)
 
 
 def _check_mode(mode: str) -> None:
@@ -138,7 +154,7 @@ def _quantize_into(model: Gemma3Text, tensors: Mapping[str, torch.Tensor | LazyR
     embedding = tensors["embed_tokens.weight"]
     table = Int8Linear(embedding)
     tied = model.config.tie_word_embeddings
-    if mode == "int8" and tied:
+    if tied and _int8(embedding, mode):  # one int8 copy serves the lookup and the head
         head = table
     else:
         head = _quantized(embedding if tied else tensors["lm_head.weight"], mode, group_size)

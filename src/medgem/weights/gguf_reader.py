@@ -108,8 +108,13 @@ class GGUFRows(LazyRows):
     range is a whole number of quant blocks."""
 
     def __init__(self, entry: TensorEntry, shift: float = 0.0):
+        import gguf
+
         self.entry, self.shift = entry, shift
         self.shape = tuple(int(d) for d in reversed(entry.shape))
+        block, block_bytes = gguf.GGML_QUANT_SIZES[entry.tensor_type]
+        bits = 8 * block_bytes / block
+        self.stored_bits = None if bits >= 16 else bits
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
         if len(self.shape) == 1:  # a vector is one row

@@ -13,6 +13,8 @@ class LazyRows:
     """One tensor of a checkpoint: `t[i:j]` reads rows i..j-1 (a vector is one row), `t.read()` all."""
 
     shape: tuple[int, ...]
+    # Bits per weight as stored (a GGUF quant type's, blocks' scales included); None for dense floats.
+    stored_bits: float | None = None
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
         raise NotImplementedError
