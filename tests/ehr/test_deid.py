@@ -93,3 +93,17 @@ def test_pattern_rules_catch_identifiers_the_patient_resource_does_not_list():
                    "2021-03-04"):  # fmt: skip
         assert secret.lower() not in out.lower(), secret
     assert "3/14/2021" in out and "2021-03-14" in out and "[EMAIL]" in out and "[PHONE]" in out
+
+
+def test_ages_over_89_become_90_or_older_without_a_birth_date(records):
+    """HIPAA Safe Harbor: an age over 89 is identifying, so only the category survives."""
+    record = copy.deepcopy(records[0])
+    last = max(e.when[:10] for e in record.events if len(e.when) >= 10)
+    record.patient.birth_date = f"{int(last[:4]) - 97}{last[4:10]}"
+    clean = deidentify(record, seed=3)
+    assert clean.patient.birth_date == "" and clean.patient.age_90_or_older
+    header = Timeline(clean).fixed_sections()[0].text
+    assert "age 90 or older" in header and "born" not in header and "97" not in header
+    record.patient.birth_date = f"{int(last[:4]) - 89}{last[4:10]}"  # 89 today: kept, shifted
+    assert not deidentify(record, seed=3).patient.age_90_or_older
+    assert "age 89" in Timeline(deidentify(record, seed=3)).fixed_sections()[0].text

@@ -3,7 +3,9 @@
 What is removed: the Patient resource's names, identifiers, telecoms and addresses (wherever they
 appear, free text included), plus anything in free text that looks like a phone number, e-mail,
 SSN or medical record number. Dates move by one offset per patient (seeded), chosen so that no
-shifted date lands on an original one; intervals, order and ages stay true. Everything works on the
+shifted date lands on an original one; intervals, order and ages stay true, except that a patient
+aged 90 or older at the end of the record keeps only "90 or older" and no birth date (HIPAA Safe
+Harbor: ages over 89 are identifying). Everything works on the
 normalised `Record`, then renders as usual, so no code path sees the identifying text.
 """
 
@@ -115,5 +117,17 @@ def deidentify(record: Record, seed: int = 0) -> Record:
         replace(e, when=shift_date(e.when, offset), end=shift_date(e.end, offset), name=scrub(e.name), text=scrub(e.text))
         for e in record.events
     ]
-    patient = PatientInfo(id="redacted", sex=record.patient.sex, birth_date=shift_date(record.patient.birth_date, offset))
+    old = _age_at_end(record) >= 90
+    patient = PatientInfo(id="redacted", sex=record.patient.sex, age_90_or_older=old,
+                          birth_date="" if old else shift_date(record.patient.birth_date, offset))
     return Record(patient, events, record.stats)
+
+
+def _age_at_end(record: Record) -> int:
+    """Whole years from birth to the record's last full date (-1 when either is unknown)."""
+    born = _parse(record.patient.birth_date[:10])
+    dates = [d for d in (_parse(e.when[:10]) for e in record.events) if d]
+    if born is None or not dates:
+        return -1
+    end = max(dates)
+    return end.year - born.year - ((end.month, end.day) < (born.month, born.day))

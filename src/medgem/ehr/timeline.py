@@ -115,8 +115,8 @@ class Timeline:
         """Demographics, active problems, medications, allergies, latest labs: always in a context."""
         p = self.record.patient
         age = self.age()
-        who = ", ".join(x for x in (p.sex, f"age {age}" if age is not None else "", f"born {p.birth_date}"
-                                    if p.birth_date else "") if x)  # fmt: skip
+        age_text = "age 90 or older" if p.age_90_or_older else f"age {age}" if age is not None else ""
+        who = ", ".join(x for x in (p.sex, age_text, f"born {p.birth_date}" if p.birth_date else "") if x)
         header = Section("patient", f"PATIENT: {who or 'unknown'}; record up to {self.as_of or 'unknown'}", frozenset())
 
         def listing(name: str, title: str, events: list[Event], fmt) -> Section:

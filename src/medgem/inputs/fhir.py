@@ -75,6 +75,7 @@ class PatientInfo:
     identifiers: list[str] = field(default_factory=list)
     telecoms: list[str] = field(default_factory=list)
     addresses: list[str] = field(default_factory=list)
+    age_90_or_older: bool = False  # set by de-identification, which then drops the birth date (HIPAA)
 
 
 @dataclass
