@@ -190,16 +190,23 @@ class Pipeline:
     # -- scoring --------------------------------------------------------------------------------------
     @torch.inference_mode()
     def score(self, prompt: str, continuations: list[str]) -> list[float]:
-        """Sum of log-probabilities of each continuation after a raw prompt (for multiple choice)."""
+        """Sum of log-probabilities of each continuation after a raw prompt (for multiple choice).
+
+        All options run as one right-padded batch: attention is causal, so padding after an option
+        never reaches its tokens, and the forward reads the weights once instead of once per option.
+        """
         context = self.tokenizer.encode(prompt, add_bos=True)
+        options = [self.tokenizer.encode(cont, add_bos=False) for cont in continuations]
+        if not options or any(not ids for ids in options):
+            raise InputError("an answer option is empty")
+        rows = [context + ids for ids in options]
+        width = max(map(len, rows))
+        batch = torch.tensor([row + [self.tokenizer.pad_id] * (width - len(row)) for row in rows])
+        logprobs = torch.log_softmax(self.model(batch).float(), dim=-1)
         scores = []
-        for cont in continuations:
-            cont_ids = self.tokenizer.encode(cont, add_bos=False)
-            if not cont_ids:
-                raise InputError("an answer option is empty")
-            ids = torch.tensor([context + cont_ids])
-            logprobs = torch.log_softmax(self.model(ids)[0, len(context) - 1:-1], dim=-1)
-            scores.append(float(logprobs.gather(-1, torch.tensor(cont_ids)[:, None]).sum()))
+        for i, ids in enumerate(options):
+            picked = logprobs[i, len(context) - 1:len(context) - 1 + len(ids)].gather(-1, torch.tensor(ids)[:, None])
+            scores.append(float(picked.sum()))
         return scores
 
 

@@ -116,3 +116,20 @@ def test_images_need_a_vision_tower(real_pipe):
     with pytest.raises(CapabilityError, match="no vision tower"):
         real_pipe.generate([{"role": "user", "content": [{"type": "image", "image": "x.png"},
                                                          {"type": "text", "text": "Describe"}]}])
+
+
+def test_score_batches_options_and_matches_one_at_a_time(real_pipe):
+    """score() runs every option in one padded batch; each sum equals scoring that option alone."""
+    prompt = "Question: Which organ produces insulin?\nAnswer:"
+    options = [" The pancreas", " The liver", " The spleen and the gallbladder together"]
+    context = real_pipe.tokenizer.encode(prompt, add_bos=True)
+    alone = []
+    with torch.inference_mode():
+        for option in options:
+            ids = real_pipe.tokenizer.encode(option, add_bos=False)
+            logprobs = torch.log_softmax(real_pipe.model(torch.tensor([context + ids]))[0, len(context) - 1:-1], -1)
+            alone.append(float(logprobs.gather(-1, torch.tensor(ids)[:, None]).sum()))
+    assert real_pipe.score(prompt, options) == pytest.approx(alone, abs=1e-3)
+    assert alone[0] > alone[1]  # the real model knows this one
+    with pytest.raises(InputError, match="option is empty"):
+        real_pipe.score(prompt, ["yes", ""])
