@@ -85,10 +85,14 @@ class Pipeline:
         from medgem.engine.speculative import Drafter
 
         Drafter(draft.model, k)  # validates k and the model kind now, not at the first request
+        self.close()
+        self.draft = (draft.model, k)
+
+    def close(self) -> None:
+        """Stop the speculative engine's model thread, if `use_draft` started one."""
         if self._speculative is not None:
             self._speculative.close()
             self._speculative = None
-        self.draft = (draft.model, k)
 
     def _draft_engine(self):
         if self._speculative is None:

@@ -127,11 +127,14 @@ def test_pipeline_with_a_draft_keeps_greedy_text(real_pipe):
     prompts = ["Sepsis is defined as", "The first-line treatment of anaphylaxis is"]
     plain = [c.token_ids for c in target.complete(prompts, raw=True, max_new_tokens=24, temperature=0)]
     target.use_draft(medgem.load(quant="int4"), k=3)
-    drafted = target.complete(prompts, raw=True, max_new_tokens=24, temperature=0)
-    assert [c.token_ids for c in drafted] == plain
-    assert "".join(target.stream(prompts[0], raw=True, max_new_tokens=24, temperature=0)) == drafted[0].text
-    stats = target._speculative.metrics()
-    assert 0 < stats["draft_tokens_accepted"] <= stats["draft_tokens_proposed"]
+    try:
+        drafted = target.complete(prompts, raw=True, max_new_tokens=24, temperature=0)
+        assert [c.token_ids for c in drafted] == plain
+        assert "".join(target.stream(prompts[0], raw=True, max_new_tokens=24, temperature=0)) == drafted[0].text
+        stats = target._speculative.metrics()
+        assert 0 < stats["draft_tokens_accepted"] <= stats["draft_tokens_proposed"]
+    finally:
+        target.close()  # its model thread shares the session's model with later tests
     other = Pipeline(real_pipe.model, real_pipe.tokenizer, real_pipe.config, "other")
     other.tokenizer = type(real_pipe.tokenizer).__new__(type(real_pipe.tokenizer))
     other.tokenizer.__dict__.update(real_pipe.tokenizer.__dict__, encode=lambda text, add_bos=True: [2, 5])
