@@ -53,19 +53,7 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 def read_tensors(folder: Path, dtype: torch.dtype, select=lambda key: key) -> dict[str, torch.Tensor]:
     """Tensors whose key `select(key)` maps to a name (None drops it), cast to `dtype`."""
-    state: dict[str, torch.Tensor] = {}
-    for file in safetensors_files(folder):
-        try:
-            with safe_open(file, framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    name = select(key)
-                    if name is not None:
-                        state[name] = f.get_tensor(key).to(dtype)
-        except CheckpointError:
-            raise
-        except Exception as exc:  # safetensors raises SafetensorError on truncated/corrupt headers
-            raise CheckpointError(f"{file.name} is not a readable safetensors file (truncated?): {exc}") from exc
-    return state
+    return {name: rows.read().to(dtype) for name, rows in lazy_tensors(folder, select).items()}
 
 
 class SafetensorsRows(LazyRows):
