@@ -104,3 +104,26 @@ def test_cli_errors_are_one_line(capsys, tmp_path, retrieval_siglip, monkeypatch
     filled = [a.format(tmp=tmp_path, model=retrieval_siglip, index=tmp_path) for a in argv]
     code, _, err = run(capsys, *filled)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_finetune_siglip_trains_saves_and_resumes(capsys, untrained_siglip, patterns_data, tmp_path):
+    out = tmp_path / "run"
+    common = ["finetune", "siglip", patterns_data / "train.csv", "--model", untrained_siglip, "--out", out,
+              "--batch-size", 8, "--lr", 1e-3, "--warmup-steps", 1, "--save-every", 2, "--no-progress"]
+    code, stdout, err = run(capsys, *common, "--steps", 4)
+    assert code == 0 and NOTICE in err
+    summary = json.loads(stdout)
+    assert summary["steps"] == 4 and Path(summary["final"]) == out / "final" and np.isfinite(summary["loss"])
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    # the result is a model the other commands load: classify with it
+    image = next(patterns_data.glob("*.png"))
+    code, stdout, _ = run(capsys, "classify", "--model", out / "final", "--labels", "stripes,checks", "--json", image)
+    assert code == 0 and json.loads(stdout)["image"] == str(image)
+    # a second run into the same folder must not silently start over ...
+    code, _, err = run(capsys, *common, "--steps", 6)
+    assert code == 2 and "already holds checkpoints; pass --resume" in err
+    # ... and --resume continues from checkpoint-2's step count
+    code, stdout, _ = run(capsys, *common, "--steps", 6, "--resume")
+    assert code == 0 and json.loads(stdout)["steps"] == 6
+    code, _, err = run(capsys, *common, "--steps", 6, "--batch-size", 1, "--resume")
+    assert code == 2 and "--batch-size >= 2" in err

@@ -3,6 +3,7 @@
     medgem finetune sft DATA.jsonl --out DIR [--model M] [--eval-fraction 0.1] [--resume]
     medgem finetune merge --adapter DIR/adapter --out MERGED [--format hf|gguf|both]
     medgem finetune classify IMAGES.csv --model M --out DIR [--siglip]
+    medgem finetune siglip PAIRS.csv --model SIGLIP --out DIR [--steps 1000] [--resume]
 
 Distributed: `torchrun --nproc_per_node N --no-python medgem finetune sft ...` (DDP; gloo on CPU).
 """
@@ -19,12 +20,14 @@ from medgem.errors import InputError
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("finetune", help="LoRA fine-tuning, merging/export, classifier heads",
+    parser = subparsers.add_parser("finetune", help="LoRA fine-tuning, merging/export, classifier heads, "
+                                   "contrastive MedSigLIP",
                                    description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="finetune_command", metavar="COMMAND", required=True)
     _register_sft(sub)
     _register_merge(sub)
     _register_classify(sub)
+    _register_siglip(sub)
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -186,5 +189,44 @@ def run_classify(args: argparse.Namespace) -> int:
     extract, fingerprint = feature_extractor(args.model, args.siglip, args.mmproj, args.device)
     result = train_classifier(data, extract, fingerprint, args.out, eval_data, args.eval_fraction, args.c, args.seed)
     print(json.dumps({"eval": result["eval"], "chance_accuracy": result["chance_accuracy"], "out": str(args.out)},
+                     indent=1))
+    return 0
+
+
+def _register_siglip(sub) -> None:
+    p = sub.add_parser("siglip", help="contrastive fine-tuning of a SigLIP/MedSigLIP dual encoder (sigmoid loss)",
+                       description="Fine-tunes both towers on (image, caption) pairs from a CSV (image or path, "
+                       "caption or text columns) or JSONL with the same keys; image paths are relative to the "
+                       "file (PNG, JPEG or DICOM). Writes OUT/checkpoint-STEP/ every --save-every steps (each a "
+                       "complete model folder), OUT/log.jsonl, and OUT/final/ (load it with --model in "
+                       "classify, embed, probe or index). Options left unset keep the defaults of "
+                       "medgem.train.contrastive.ContrastiveConfig (1000 steps of 32 pairs, lr 1e-5).")
+    p.add_argument("data", type=Path, help="CSV or JSONL of image-caption pairs")
+    p.add_argument("--model", required=True, help="SigLIP/MedSigLIP HF folder to start from")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    for name in ("steps", "batch_size", "warmup_steps", "save_every", "keep_checkpoints", "seed"):
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=argparse.SUPPRESS)
+    for name in ("lr", "weight_decay", "max_grad_norm"):
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float, default=argparse.SUPPRESS)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_siglip)
+
+
+def run_siglip(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from medgem.train.contrastive import ContrastiveConfig, checkpoints, train_contrastive
+
+    cfg = ContrastiveConfig(**{f.name: getattr(args, f.name) for f in fields(ContrastiveConfig) if hasattr(args, f.name)})
+    if cfg.steps < 1 or cfg.batch_size < 2 or cfg.save_every < 1 or cfg.keep_checkpoints < 1 or cfg.lr <= 0:
+        raise InputError("--steps, --save-every and --keep-checkpoints must be >= 1, --batch-size >= 2 (the loss "
+                         "contrasts pairs) and --lr > 0")
+    if checkpoints(args.out) and not args.resume:
+        raise InputError(f"{args.out} already holds checkpoints; pass --resume to continue, or choose another --out")
+    print_notice()
+    final = train_contrastive(args.model, args.data, args.out, cfg, resume=args.resume, progress=not args.no_progress)
+    last = json.loads((args.out / "log.jsonl").read_text().splitlines()[-1])
+    print(json.dumps({"final": str(final), "steps": last["step"], "loss": last["loss"], "log": str(args.out / "log.jsonl")},
                      indent=1))
     return 0
