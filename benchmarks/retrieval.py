@@ -7,7 +7,9 @@ Part `ann`: unit vectors of MedSigLIP's width, inner product, two datasets:
   can find without scanning: the worst case, reported as measured.
 - `lowrank`: points near a random 32-dimensional subspace plus noise, queries drawn alike; a stand-in
   for real embeddings, whose intrinsic dimension is low, so neighbourhoods exist.
-Flat (exact) and IVF use all N vectors; HNSW uses the first `--hnsw-n` (its build is the slowest part
+`int8` is medgem's own index kind (retrieval/scan.py through the FAISS store): the flat vectors,
+searched by an int8 matrix-multiply scan that keeps candidates, ranked exactly in fp32.
+Flat (exact), int8 and IVF use all N vectors; HNSW uses the first `--hnsw-n` (its build is the slowest part
 on 2 cores). Recall@10 is against the exact top 10 of the same vectors; QPS is for the whole query set
 searched in one batched call on `--threads` threads. Indexes are built one after another, freeing
 each, so peak memory is about one copy of the vectors (4.6 GB at 1M).
@@ -15,6 +17,7 @@ each, so peak memory is about one copy of the vectors (4.6 GB at 1M).
 Part `embed`: MedSigLIP-448 shapes (So400m towers, 448 px, 64 text tokens) with random weights;
 images/s and texts/s of medgem's SiglipModel vs transformers' SiglipModel, same weights, alternating.
 
+    .venv/bin/python benchmarks/retrieval.py ann --n 1000000 --queries 1000 --skip-ivf --tag 1m   # flat vs int8
     .venv/bin/python benchmarks/retrieval.py ann [--n 1000000] [--hnsw-n 1000000] [--queries 200] [--threads 2]
     .venv/bin/python benchmarks/retrieval.py embed [--layers 27] [--images 2] [--repeats 2]
 """
@@ -83,10 +86,33 @@ def exact(kind: str, n: int, queries: np.ndarray, k: int) -> tuple[np.ndarray, d
     return truth, {"n": n, "build_s": build, "qps": qps, "recall@10": 1.0}
 
 
+def int8_scan(kind: str, n: int, queries: np.ndarray, k: int, truth: np.ndarray) -> dict:
+    """medgem's `int8` index kind (FaissStore: flat vectors, int8 scan, exact rerank), as the product runs it."""
+    import tempfile
+
+    from medgem.retrieval.store import FaissStore
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = FaissStore(Path(tmp) / "int8.faiss", DIM, "int8")
+        start = time.perf_counter()
+        done = 0
+        for chunk in database_chunks(kind, n):
+            store.apply(np.arange(done, done + len(chunk)), chunk, np.array([], dtype=np.int64))
+            done += len(chunk)
+        fill_s = time.perf_counter() - start
+        start = time.perf_counter()
+        store.search(queries[:1], k)  # builds the int8 copy
+        build_s = fill_s + time.perf_counter() - start
+        ids, qps = timed_search(store, queries, k)
+    return {"n": n, "build_s": build_s, "int8_copy_s": build_s - fill_s, "qps": qps, "recall@10": recall(ids, truth)}
+
+
 def run_ann(args: argparse.Namespace) -> dict:
     import faiss
+    import torch
 
     faiss.omp_set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     k = 10
     out: dict = {"n": args.n, "hnsw_n": args.hnsw_n, "dim": DIM, "queries": args.queries, "k": k,
                  "threads": args.threads, "faiss": faiss.__version__}
@@ -96,6 +122,13 @@ def run_ann(args: argparse.Namespace) -> dict:
         truth, result["flat"] = exact(kind, args.n, queries, k)
         print(kind, "flat", result["flat"], flush=True)
         gc.collect()
+
+        result["int8"] = int8_scan(kind, args.n, queries, k, truth)
+        print(kind, "int8", result["int8"], flush=True)
+        gc.collect()
+        if args.skip_ivf:
+            out[kind] = result
+            continue
 
         ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(DIM), DIM, args.nlist, faiss.METRIC_INNER_PRODUCT)
         start = time.perf_counter()
@@ -196,6 +229,7 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--texts", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--skip-ivf", action="store_true", help="flat and int8 only (no IVF, no HNSW)")
     parser.add_argument("--tag", default="", help="store the result under PART:TAG (keeps earlier runs)")
     args = parser.parse_args()
 

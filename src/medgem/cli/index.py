@@ -58,8 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _add_build_args(parser: argparse.ArgumentParser, creating: bool) -> None:
     if creating:
         parser.add_argument("--kind", default="auto", choices=KINDS,
-                            help="FAISS structure: flat (exact), hnsw (approximate, large), auto (flat, then hnsw "
-                            "from 50k images)")
+                            help="FAISS structure: flat (exact), int8 (flat searched by an int8 scan and exact "
+                            "rerank: near-exact, faster for batched queries), hnsw (approximate, large), auto "
+                            "(flat, then hnsw from 50k images)")
         parser.add_argument("--store", default="faiss",
                             help="faiss (a file in INDEX), qdrant://host:port[/collection] or qdrant:///local/folder")
     parser.add_argument("--ray", action="store_true", help="embed on Ray Data (a local Ray unless --ray-address)")
