@@ -109,6 +109,19 @@ def test_hnsw_index_skips_removed_items(tmp_path, medical_images, encoder):
         assert len(index.search(query, k=10)[0]) == 9
 
 
+def test_int8_index_ranks_like_the_exact_one(tmp_path, built, medical_images, encoder):
+    queries = encoder.embed_images(sorted(medical_images.iterdir()))
+    with ImageIndex(tmp_path / "idx", create=True, kind="int8") as index:
+        index.add(medical_images, encoder, progress=False)
+        assert index.describe()["kind"] == "int8"
+        found = index.search(queries, k=5)
+    with ImageIndex(built[0]) as exact:
+        expected = exact.search(queries, k=5)
+    for got, want in zip(found, expected):
+        assert [Path(h.path).name for h in got] == [Path(h.path).name for h in want]
+        assert np.allclose([h.score for h in got], [h.score for h in want], atol=1e-5)
+
+
 def test_another_model_is_refused(tmp_path, built, untrained_siglip):
     folder, _ = built
     with ImageIndex(folder) as index, pytest.raises(ConfigError, match="another model"):
