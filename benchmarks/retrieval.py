@@ -235,7 +235,8 @@ def main() -> int:
 
     result = run_ann(args) if args.part == "ann" else run_embed(args)
     result["command"] = "benchmarks/retrieval.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" if k != "part" else v for k, v in vars(args).items() if v != "")
+        v if k == "part" else f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')} {v}"
+        for k, v in vars(args).items() if v is not False and v != "")
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                          "python": platform.python_version()}
     everything = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
