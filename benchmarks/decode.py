@@ -9,6 +9,8 @@ Median of --runs runs after one warm-up. Writes benchmarks/results/decode.json.
 
     python benchmarks/decode.py                      # every engine that is installed
     python benchmarks/decode.py --engines medgem-int8,llama.cpp --runs 5
+    medgem-int8-compiled runs Pipeline.compile() (torch.compile); its first run, spent compiling, is
+    reported apart (first_run_with_compiling_s) and not in the medians.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 PROFILE = os.environ.get("MEDGEM_BENCH_PROFILE") == "1"
 THREADS = int(os.environ.get("MEDGEM_BENCH_THREADS", "2"))
-ENGINES = ["medgem-fp32", "medgem-bf16", "medgem-int8", "medgem-int4", "transformers", "llama.cpp"]
+ENGINES = ["medgem-fp32", "medgem-bf16", "medgem-int8", "medgem-int4", "medgem-int8-compiled", "transformers",
+           "llama.cpp"]
 TEXT = (
     "Discharge summary. The patient is a 67-year-old man with a history of hypertension, type 2 diabetes "
     "mellitus and chronic obstructive pulmonary disease who presented to the emergency department with "
@@ -61,6 +64,8 @@ def run_medgem(mode: str, ids: list[int], new: int, runs: int) -> dict:
     from medgem.engine.sampling import SamplingParams
 
     torch.set_num_threads(THREADS)
+    compiled = mode.endswith("-compiled")  # Pipeline.compile(): torch.compile, timed apart from loading
+    mode = mode.removesuffix("-compiled")
     dtype, quant = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"),
                     "int8": ("bfloat16", "int8"), "int4": ("bfloat16", "int4")}[mode]
     t0 = time.perf_counter()
@@ -77,7 +82,15 @@ def run_medgem(mode: str, ids: list[int], new: int, runs: int) -> dict:
                 count = event.completion.completion_tokens
         return first - start, time.perf_counter() - first, count
 
+    compile_s = None
+    if compiled:
+        pipe.compile()
+        start = time.perf_counter()
+        once()  # compiles the prefill and the decode graphs
+        compile_s = round(time.perf_counter() - start, 1)
     result = measure(once, load_s, len(ids), runs)
+    if compiled:
+        result["first_run_with_compiling_s"] = compile_s
     if PROFILE:
         result["profile"] = profile_decode(pipe, ids, params, mode)
     return result

@@ -22,6 +22,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quant", default=os.environ.get("MEDGEM_QUANT"), choices=["none", "int8", "int4"],
                         help="weight-only quantization of the text decoder (default: int8 on CPU unless --dtype "
                         "is given, none elsewhere)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the model through torch.compile: faster decoding after ~100 s of compiling")
     parser.add_argument("--draft", default=None, metavar="MODEL",
                         help="speculative decoding: a small model with the same tokenizer proposes tokens that "
                         "--model checks (e.g. the embedded 270M, 'embedded', for a bigger Gemma 3 / MedGemma); "
@@ -34,6 +36,8 @@ def load_from_args(args: argparse.Namespace):
     import medgem
 
     pipe = medgem.load(args.model, mmproj=args.mmproj, dtype=args.dtype, device=args.device, quant=args.quant)
+    if getattr(args, "compile", False):
+        pipe.compile()
     if getattr(args, "draft", None):
         source = None if args.draft == "embedded" else args.draft
         pipe.use_draft(medgem.load(source, dtype=args.dtype, device=args.device, quant=args.quant), args.draft_tokens)

@@ -66,7 +66,7 @@ def settings_from_args(args: argparse.Namespace):
                     max_tokens=args.max_tokens, default_max_tokens=min(Limits().default_max_tokens, args.max_tokens))
     return ServeSettings(
         model=args.model, mmproj=args.mmproj, dtype=args.dtype, device=args.device, quant=args.quant,
-        draft=args.draft, draft_tokens=args.draft_tokens,
+        draft=args.draft, draft_tokens=args.draft_tokens, compile=args.compile,
         model_name=args.model_name, embedding_model=args.embedding_model,
         host=args.host, port=args.port, api_keys=tuple(args.api_key) if args.api_key else keys_from_env(),
         cors_origins=tuple(args.cors_origin), limits=limits, max_batch=args.max_batch, max_queue=args.max_queue,

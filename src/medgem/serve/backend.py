@@ -40,7 +40,7 @@ class Backend:
     def __init__(self, pipe: Pipeline, settings: ServeSettings, thinking: bool):
         generator = pipe.engine
         if thinking:
-            generator = Generator(pipe.model, pipe.config, thought_keeping_decode(pipe.tokenizer),
+            generator = Generator(generator.model, pipe.config, thought_keeping_decode(pipe.tokenizer),
                                   tuple(pipe.tokenizer.stop_ids), pipe.tokenizer.pad_id)
         limits = settings.limits
         self.max_slots = settings.max_batch

@@ -44,6 +44,8 @@ def load_models(settings: ServeSettings) -> tuple[Pipeline, SiglipEncoder | None
 
     pipe = medgem.load(settings.model, mmproj=settings.mmproj, dtype=settings.dtype, device=settings.device,
                        quant=settings.quant)
+    if settings.compile:
+        pipe.compile()
     if settings.draft:
         draft = medgem.load(None if settings.draft == "embedded" else settings.draft, dtype=settings.dtype,
                             device=settings.device, quant=settings.quant)

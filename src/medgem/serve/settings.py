@@ -49,6 +49,7 @@ class ServeSettings:
     quant: str | None = None  # None: medgem.load's default (int8 on CPU unless a dtype is given)
     draft: str | None = None  # speculative decoding: a draft model path, or "embedded" for the 270M
     draft_tokens: int = 4
+    compile: bool = False  # torch.compile the model: faster decoding after a long first request
     model_name: str | None = None  # the id clients send as `model`; default derived from the source
     embedding_model: str | None = None  # a MedSigLIP folder for /v1/embeddings (its folder name is its id)
     host: str = "127.0.0.1"
