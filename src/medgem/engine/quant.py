@@ -50,18 +50,32 @@ def int8_rows(weight: torch.Tensor | LazyRows) -> tuple[torch.Tensor, torch.Tens
 
 
 class Int8Linear(nn.Module):
-    """y = x @ (q * scale).T with int8 weights; activations in bf16."""
+    """y = x @ (q * scale).T with int8 weights; activations in bf16.
 
-    def __init__(self, weight: torch.Tensor | LazyRows):
+    int8_activations: also round each input row to int8 (its own scale) and multiply with `torch._int_mm`
+    (integer VNNI, exact int32 sums, so a row's result never depends on its batch). Used for the LM head
+    only: the largest decode matmul (168M weights on the 270M) runs about 25 % faster, and quality stays
+    within the int8 targets (perplexity +0.75 % instead of +0.44 %, greedy agreement 96.0 % instead of
+    96.4 %); on every layer, activation outliers cost +3.2 % perplexity (measured, benchmarks/quant_quality.py).
+    """
+
+    def __init__(self, weight: torch.Tensor | LazyRows, int8_activations: bool = False):
         super().__init__()
         q, scale = int8_rows(weight)
         self.register_buffer("qweight", q)
         self.register_buffer("scales", scale)
         self.out_features, self.in_features = q.shape
+        self.int8_activations = int8_activations
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(ACT_DTYPE).contiguous()  # the kernels need dense rows
-        out = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scales)
+        flat = x.reshape(-1, self.in_features)
+        if self.int8_activations:
+            rows = flat.float()
+            step = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
+            ints = torch._int_mm(torch.round(rows / step).to(torch.int8), self.qweight.T)
+            out = ints.float() * step * self.scales.float()
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(flat.to(ACT_DTYPE).contiguous(), self.qweight, self.scales)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def dequantized(self) -> torch.Tensor:
@@ -158,6 +172,8 @@ def _quantize_into(model: Gemma3Text, tensors: Mapping[str, torch.Tensor | LazyR
         head = table
     else:
         head = _quantized(embedding if tied else tensors["lm_head.weight"], mode, group_size)
+    if isinstance(head, Int8Linear):
+        head.int8_activations = True
     model.embed_tokens = Int8Embedding(table, model.config.hidden_size**0.5)
     model.lm_head = head
     rest = {name: param for name, param in model.named_parameters()}  # what is still dense: the norms
