@@ -23,6 +23,9 @@ Writes benchmarks/results/batching.json.
 
 from __future__ import annotations
 
+# isort: off
+import medgem  # before torch: medgem sets libgomp's spin defaults for its engine thread (medgem/__init__.py)
+# isort: on
 import argparse
 import asyncio
 import json
@@ -35,7 +38,6 @@ from pathlib import Path
 
 import torch
 
-import medgem
 from medgem.engine.sampling import SamplingParams
 from medgem.engine.scheduler import Engine, Request, Scheduler
 
