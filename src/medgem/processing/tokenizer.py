@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from medgem import cache
 from medgem.errors import CheckpointError, InputError
 
 BOS, EOS, PAD, UNK = "<bos>", "<eos>", "<pad>", "<unk>"
@@ -191,8 +192,9 @@ class Tokenizer:
         is found by file key without parsing the vocabulary again)."""
         index_key = getattr(source, "key", None)
         cached = cache_dir / f"sp-v1-{index_key}.model" if cache_dir is not None and index_key else None
-        if cached is not None and cached.is_file():
-            return cls(_SentencePieceBackend(cached.read_bytes()), **_special_ids(source.metadata.get))
+        hit = cache.read(cached) if cached is not None else None
+        if hit is not None:
+            return cls(_SentencePieceBackend(hit), **_special_ids(source.metadata.get))
         fields = source.reader.fields if index_key else source.fields
         if "tokenizer.ggml.tokens" not in fields:
             raise CheckpointError("GGUF file has no tokenizer vocabulary (tokenizer.ggml.tokens)")
@@ -208,10 +210,7 @@ class Tokenizer:
             int(field("tokenizer.ggml.unknown_token_id", 3)),
         )
         if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            partial = cached.with_suffix(".partial")
-            partial.write_bytes(proto)
-            partial.replace(cached)
+            cache.write(cached, proto)
         return cls(_SentencePieceBackend(proto), **_special_ids(field))
 
     @classmethod

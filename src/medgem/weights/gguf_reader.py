@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medgem import cache
 from medgem.errors import CheckpointError
 from medgem.weights.lazy import LazyRows
 
@@ -183,8 +184,9 @@ class GGUFIndex:
         stat = path.stat()
         key = f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
         cached = cache_dir / f"{key}.json" if cache_dir else None
-        if cached is not None and cached.is_file():
-            raw = json.loads(cached.read_text())
+        hit = cache.read(cached) if cached is not None else None
+        if hit is not None:
+            raw = json.loads(hit)
         else:
             reader = open_gguf(path)
             raw = {
@@ -193,10 +195,7 @@ class GGUFIndex:
                              int(t.n_bytes)] for t in reader.tensors],
             }
             if cached is not None:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                partial = cached.with_suffix(".partial")
-                partial.write_text(json.dumps(raw))
-                partial.replace(cached)
+                cache.write(cached, json.dumps(raw).encode())
         tensors = [TensorEntry(n, gguf.GGMLQuantizationType(t), s, o, b, path) for n, t, s, o, b in raw["tensors"]]
         return cls(path, raw["metadata"], tensors, key)
 
