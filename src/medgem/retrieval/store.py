@@ -6,7 +6,7 @@ it can always be brought up to date, or rebuilt, from SQLite.
 
 FAISS kinds, all inner product on unit vectors (= cosine):
 - `flat`: exact search, a scan of every vector, the only kind with perfect recall. Queries/s fall
-  with size: about 20 at 100k and 3 at 1M x 1152-d on 2 busy cores (batched queries).
+  with size: about 100 at 1M x 1152-d on 2 idle cores (1,000 batched queries).
 - `hnsw`: a graph (M=32, efConstruction=80). Recall rises and speed falls with `ef_search` (default
   128). Measured at 100k 1152-d vectors near a 32-d subspace (a stand-in for real embeddings), 2 busy
   cores: ef 64 -> recall@10 0.95 at 355 q/s, ef 128 -> 0.99 at 180 q/s, ef 256 -> 1.0 at 110 q/s;
@@ -16,8 +16,7 @@ FAISS kinds, all inner product on unit vectors (= cosine):
   when they pass a fifth of it.
 - `int8`: the flat index searched by an int8 matrix-multiply scan that picks candidates, which are then
   ranked exactly in fp32 (retrieval/scan.py). Measured on 1M random 1152-d unit vectors, 2 cores,
-  batched queries: recall@10 1.0 against exact at several times flat's queries/s (numbers in
-  BENCHMARKS.md). The int8 copy (a quarter of the vectors' memory) is built in memory at the first
+  1,000 batched queries: recall@10 1.0 against exact at about 600 queries/s, 5.8x flat (BENCHMARKS.md). The int8 copy (a quarter of the vectors' memory) is built in memory at the first
   search after a change; the file is the same as flat's.
 - `auto`: flat, switching to hnsw (one rebuild) once the index holds HNSW_FROM vectors.
 The FAISS file is written to a temporary name and renamed, with its `seq` in its own header, so a
