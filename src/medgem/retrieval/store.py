@@ -82,7 +82,8 @@ class FaissStore:
             raise ConfigError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
         self.faiss, self.path, self.dim, self.kind = faiss, Path(path), dim, kind
         self.ef_search = HNSW_EF_SEARCH
-        self._scan: Int8Scan | None = None  # kind int8: built from the flat vectors at the next search
+        # kind int8: the scan over the flat vectors and the row -> id map, built at the next search
+        self._scan: tuple[Int8Scan, np.ndarray] | None = None
         self.reset()
         if self.path.is_file():
             self._read()
@@ -168,9 +169,10 @@ class FaissStore:
 
             flat = self.faiss.downcast_index(self.index.index)
             vectors = self.faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * self.dim).reshape(-1, self.dim)
-            self._scan = Int8Scan(vectors)  # a view of FAISS's own memory: dropped on every change
-        scores, rows = self._scan.search(queries, k)
-        ids = self.faiss.vector_to_array(self.index.id_map)
+            # a view of FAISS's own memory, so it is dropped on every change
+            self._scan = Int8Scan(vectors), self.faiss.vector_to_array(self.index.id_map)
+        scan, ids = self._scan
+        scores, rows = scan.search(queries, k)
         return scores, np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
 
     def describe(self) -> dict:
