@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -10,7 +11,9 @@ import torch
 import medgem
 from medgem.engine.quant import (
     Int4Linear,
+    CheckpointEmbedding,
     Int8Embedding,
+    Int8HeadLinear,
     Int8Linear,
     greedy_agreement,
     load_quantized_text_model,
@@ -39,13 +42,47 @@ def test_int8_and_int4_kernels_match_dense_matmul():
         assert torch.equal(layer(strided), layer(strided.contiguous()))
 
 
-def test_int8_embedding_shares_the_head_rows():
+def test_int8_embedding_looks_up_scaled_rows():
     torch.manual_seed(1)
-    table = Int8Linear(torch.randn(100, 64))
-    emb = Int8Embedding(table, 8.0)
+    weight = torch.randn(100, 64)
+    emb = Int8Embedding(weight, 8.0)
     ids = torch.tensor([[3, 7, 99]])
-    expected = table.dequantized()[ids] * 8.0
+    expected = Int8Linear(weight).dequantized()[ids] * 8.0
     assert torch.allclose(emb(ids).float(), expected, rtol=1e-2, atol=1e-2)  # bf16 rounding only
+
+
+def test_int8_head_rows_do_not_depend_on_their_batch():
+    """Each row rounded to int8 on its own scale and summed exactly: alone or among others, the same logits."""
+    torch.manual_seed(2)
+    weight, x = torch.randn(3000, 640), torch.randn(9, 640) * torch.linspace(0.1, 30, 9)[:, None]
+    head = Int8HeadLinear(weight)
+    batched = head(x)
+    for i in range(len(x)):
+        assert torch.equal(head(x[i:i + 1]), batched[i:i + 1])
+    assert ((batched - x @ weight.T).norm() / (x @ weight.T).norm()).item() < 0.02  # int8 x int8
+    q, scale = head.int8_weight(), head.scales  # the integer arithmetic, spelled out
+    step = x.abs().amax(1, keepdim=True) / 127
+    exact = (torch.round(x / step).to(torch.int64) @ q.to(torch.int64).T).float() * scale * step
+    torch.testing.assert_close(batched, exact, rtol=1e-5, atol=1e-4)
+    twin = copy.deepcopy(head)
+    assert torch.equal(twin(x), batched) and torch.equal(twin.dequantized(), head.dequantized())
+
+
+def test_checkpoint_embedding_reads_the_files_rows(embedded_gguf, tmp_path):
+    """The quantized model's lookup reads rows from the GGUF, exactly as stored, even after the path is gone."""
+    _, tensors, _ = open_text_checkpoint(embedded_gguf)
+    table = tensors["embed_tokens.weight"]
+    ids = torch.tensor([[2, 262143, 7, 2], [105, 106, 0, 5000]])
+    expected = torch.stack([torch.cat([table[i:i + 1] for i in row]) for row in ids.tolist()])
+    assert torch.equal(table.gather(ids), expected)
+    emb = CheckpointEmbedding(table, 4.0)
+    assert torch.equal(emb(ids), expected.bfloat16() * torch.tensor(4.0, dtype=torch.bfloat16))
+    copy_path = tmp_path / "copy.gguf"  # a model outlives its file being replaced or deleted
+    copy_path.write_bytes(embedded_gguf.read_bytes())
+    _, copied, _ = open_text_checkpoint(copy_path)
+    moved = CheckpointEmbedding(copied["embed_tokens.weight"], 4.0)
+    copy_path.unlink()
+    assert torch.equal(moved(ids), emb(ids))
 
 
 def test_unknown_mode():
@@ -63,7 +100,7 @@ def test_int8_greedy_agrees_with_fp32_on_real_weights(real_pipe):
     lens = [len(p) for p in prompt_ids]
     assert greedy_agreement(real_pipe.model, sequences, lens) == 1.0  # the reference agrees with itself
     quant = medgem.load(quant="int8")
-    assert isinstance(quant.model.lm_head, Int8Linear) and quant.model.embed_tokens.table is quant.model.lm_head
+    assert isinstance(quant.model.lm_head, Int8HeadLinear) and isinstance(quant.model.embed_tokens, CheckpointEmbedding)
     agree = greedy_agreement(quant.model, sequences, lens)
     assert agree >= 0.9, f"int8 greedy agreement {agree:.2f}"
 
@@ -81,23 +118,31 @@ def test_quantize_text_model_none_is_identity():
     assert quantize_text_model(model, "none") is model and isinstance(model.lm_head, torch.nn.Linear)
 
 
-def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
+def same_weights(a: torch.nn.Module, b: torch.nn.Module, skip: str = "embed_tokens.") -> bool:
+    """Equal state dicts (oneDNN's packed head compared unpacked), apart from names starting with `skip`."""
+    def plain(module):
+        return {k: v.to_dense() if v.is_mkldnn else v for k, v in module.state_dict().items() if not k.startswith(skip)}
+    sa, sb = plain(a), plain(b)
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 @pytest.mark.slow
 def test_loading_straight_into_int8_equals_quantizing_the_dense_model(embedded_gguf):
-    """The streamed loader (rows dequantized and quantized a slice at a time) builds the same model."""
+    """The streamed loader (rows dequantized and quantized a slice at a time) builds the same matmuls;
+    its embedding rows come from the file at full precision where the in-memory one rounds them to int8."""
     dense, _ = load_text_model(embedded_gguf, "float32")
+    dense_rows = dense.embed_tokens.weight.detach().clone()
     reference = quantize_text_model(dense, "int8")
     cfg, tensors, _ = open_text_checkpoint(embedded_gguf)
     streamed = load_quantized_text_model(cfg, tensors, "int8", embedded_gguf.name)
-    assert same_weights(streamed, reference) and streamed.lm_head is streamed.embed_tokens.table
+    assert same_weights(streamed, reference)
+    assert isinstance(streamed.embed_tokens, CheckpointEmbedding) and isinstance(reference.embed_tokens, Int8Embedding)
     assert streamed.inv_freq_global.dtype == torch.float32  # RoPE frequencies are not weights: never bf16
     ids = torch.tensor([[2, 818, 6213, 563, 1164]])
     with torch.inference_mode():
-        assert torch.equal(streamed(ids), reference(ids))
+        assert torch.equal(streamed.embed_tokens.rows.gather(ids), dense_rows[ids])
+        a, b = streamed(ids), reference(ids)
+        assert torch.equal(a.argmax(-1), b.argmax(-1)) and ((a - b).norm() / b.norm()).item() < 0.08  # bf16 noise
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -113,9 +158,12 @@ def test_streamed_quantized_load_from_safetensors(tmp_path, mode):
     save_file({f"model.{k}" if k != "lm_head.weight" else k: v.contiguous() for k, v in model.state_dict().items()},
               str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps(to_hf_config(model.config)))
+    rows = model.embed_tokens.weight.detach().clone()
     reference = quantize_text_model(model, mode)
     cfg, tensors, _ = open_text_checkpoint(tmp_path)
     streamed = load_quantized_text_model(cfg, tensors, mode, "tiny", group_size=32)
-    assert same_weights(streamed, reference) and streamed.lm_head is not streamed.embed_tokens.table
+    assert same_weights(streamed, reference) and isinstance(streamed.lm_head, Int8HeadLinear if mode == "int8" else Int4Linear)
+    ids = torch.tensor([[5, 19_999, 5]])
+    assert torch.equal(streamed.embed_tokens.rows.gather(ids), rows[ids])
     with pytest.raises(CheckpointError, match="lacks tensor 'norm.weight'"):
         load_quantized_text_model(cfg, {k: v for k, v in tensors.items() if k != "norm.weight"}, mode, "tiny")

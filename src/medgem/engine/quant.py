@@ -4,10 +4,11 @@ Decode reads every weight once per token, so fewer bytes per weight is more toke
 matmuls are PyTorch's own CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), which
 are fast only with bf16 activations, so a quantized model runs its activations in bf16.
 
-The tied embedding / LM head (168M of the 270M model's parameters) is quantized too: int8 rows serve
-both the LM head matmul and the embedding lookup (one copy). With int4, the head uses int4 and the
-embedding lookup keeps int8 rows, unless the file stored the embedding with more than 4 bits (see
-`_quantized`: int4 never re-rounds a GGUF's 5-8-bit tensors), in which case one int8 copy serves both.
+The tied embedding / LM head (168M of the 270M model's parameters) is quantized too. The head is an
+`Int8HeadLinear` (int8 activations, oneDNN's packed int8 GEMM) unless int4 applies to it. Its packed
+weight cannot serve the embedding lookup, so a model loaded from a checkpoint looks its embedding rows
+up in the file (`CheckpointEmbedding`, as llama.cpp does with its mmap) instead of holding a second
+copy of the table; a model quantized in memory keeps an int8 table (`Int8Embedding`).
 """
 
 from __future__ import annotations
@@ -50,14 +51,7 @@ def int8_rows(weight: torch.Tensor | LazyRows) -> tuple[torch.Tensor, torch.Tens
 
 
 class Int8Linear(nn.Module):
-    """y = x @ (q * scale).T with int8 weights; activations in bf16.
-
-    int8_activations: also round each input row to int8 (its own scale) and multiply with `torch._int_mm`
-    (integer VNNI, exact int32 sums, so a row's result never depends on its batch). Used for the LM head
-    only: the largest decode matmul (168M weights on the 270M) runs about 25 % faster, and quality stays
-    within the int8 targets (perplexity +0.75 % instead of +0.44 %, greedy agreement 96.0 % instead of
-    96.4 %); on every layer, activation outliers cost +3.2 % perplexity (measured, benchmarks/quant_quality.py).
-    """
+    """y = x @ (q * scale).T with int8 weights; activations in bf16."""
 
     def __init__(self, weight: torch.Tensor | LazyRows):
         super().__init__()
@@ -65,21 +59,63 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", q)
         self.register_buffer("scales", scale)
         self.out_features, self.in_features = q.shape
-        self.int8_activations = False  # _quantize_into turns it on for the LM head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        if self.int8_activations:
-            rows = flat.float()
-            step = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
-            ints = torch._int_mm(torch.round(rows / step).to(torch.int8), self.qweight.T)
-            out = ints.float() * step * self.scales.float()
-        else:
-            out = torch.ops.aten._weight_int8pack_mm(flat.to(ACT_DTYPE).contiguous(), self.qweight, self.scales)
+        flat = x.reshape(-1, self.in_features).to(ACT_DTYPE).contiguous()  # the kernel needs dense rows
+        out = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scales)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def dequantized(self) -> torch.Tensor:
         return self.qweight.float() * self.scales.float()[:, None]
+
+
+ONEDNN = torch.backends.mkldnn.is_available()
+
+
+class Int8HeadLinear(nn.Module):
+    """The LM head: each input row rounded to int8 with its own scale, times int8 weight rows.
+
+    Integer sums are exact, so a row's logits never depend on the other rows of its batch. oneDNN's
+    packed int8 GEMM (what PyTorch's own int8 inference lowers to) reads the 262k x 640 head once for
+    all rows: 3.0 ms for 1 row and 5.0 ms for 8 on 2 cores, where `torch._int_mm` (the fallback where
+    oneDNN is missing) takes 2.8 and 10.1 ms. Batched decoding and speculative checks are many rows.
+    Quality on the 270M stays within the int8 targets (perplexity +0.75 %, greedy agreement 96.0 %); int8
+    activations on every layer would cost +3.2 % perplexity (benchmarks/quant_quality.py).
+    """
+
+    def __init__(self, weight: torch.Tensor | LazyRows):
+        super().__init__()
+        self._pack(*int8_rows(weight))
+
+    def _pack(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("qweight", torch.ops.onednn.qlinear_prepack(q, None) if ONEDNN else q)
+        self.register_buffer("scales", scale.float())
+        self.register_buffer("zero_points", torch.zeros(self.out_features, dtype=torch.long))
+
+    def __deepcopy__(self, memo: dict) -> Int8HeadLinear:  # a packed tensor has no storage to copy
+        twin = type(self).__new__(type(self))
+        nn.Module.__init__(twin)
+        twin._pack(self.int8_weight().clone(), self.scales.clone())
+        return twin
+
+    @torch.compiler.disable  # inductor cannot take oneDNN's opaque packed weight; the head runs eagerly
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float()
+        step = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
+        ints = torch.round(rows / step)
+        if ONEDNN:  # unsigned input with zero point 128 is the kernel's form of a signed int8 row
+            out = torch.ops.onednn.qlinear_pointwise((ints + 128).to(torch.uint8), 1.0, 128, self.qweight, self.scales,
+                                                     self.zero_points, None, 1.0, 0, torch.float32, "none", [], "")
+        else:
+            out = torch._int_mm(ints.to(torch.int8), self.qweight.T).float() * self.scales
+        return (out * step).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def int8_weight(self) -> torch.Tensor:
+        return self.qweight.to_dense().T.contiguous() if ONEDNN else self.qweight
+
+    def dequantized(self) -> torch.Tensor:
+        return self.int8_weight().float() * self.scales[:, None]
 
 
 class Int4Linear(nn.Module):
@@ -111,21 +147,48 @@ class Int4Linear(nn.Module):
 
 
 class Int8Embedding(nn.Module):
-    """Scaled Gemma embedding lookup from int8 rows (shared with an Int8Linear LM head when tied)."""
+    """Scaled Gemma embedding lookup from int8 rows (a model quantized in memory)."""
 
-    def __init__(self, table: Int8Linear, scale: float):
+    def __init__(self, weight: torch.Tensor, scale: float):
         super().__init__()
-        self.table = table
+        q, scales = int8_rows(weight)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scales", scales)
         self.embed_scale = scale
-        self.embedding_dim = table.in_features
+        self.embedding_dim = q.shape[1]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(ids, self.table.qweight).to(ACT_DTYPE) * self.table.scales[ids][..., None]
+        rows = F.embedding(ids, self.qweight).to(ACT_DTYPE) * self.scales[ids][..., None]
         return rows * torch.tensor(self.embed_scale, dtype=ACT_DTYPE)
 
     @property
     def weight(self) -> torch.Tensor:  # for code that reads the embedding matrix (dtype/device probes)
-        return self.table.scales
+        return self.scales
+
+
+class CheckpointEmbedding(nn.Module):
+    """Scaled Gemma embedding lookup that reads the rows it needs from the checkpoint file.
+
+    A token needs one row of the 262k-row table, so reading it (a few microseconds, from the page cache)
+    beats holding 168 MB of int8 rows next to the packed LM head. Rows keep the file's own precision.
+    """
+
+    def __init__(self, rows: LazyRows, scale: float):
+        super().__init__()
+        rows.hold()
+        self.rows = rows
+        self.embed_scale = scale
+        self.embedding_dim = rows.shape[1]
+        self.register_buffer("probe", torch.empty(0, dtype=ACT_DTYPE))
+
+    @torch.compiler.disable  # file reads: not something to trace
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.rows.gather(ids.cpu()).to(ACT_DTYPE)
+        return rows * torch.tensor(self.embed_scale, dtype=ACT_DTYPE)
+
+    @property
+    def weight(self) -> torch.Tensor:  # for code that reads the embedding matrix (dtype/device probes)
+        return self.probe
 
 
 INT4_MAX_STORED_BITS = 5.0  # int4 mode keeps int8 for tensors a GGUF stores with 5 or more bits
@@ -166,16 +229,11 @@ def _quantize_into(model: Gemma3Text, tensors: Mapping[str, torch.Tensor | LazyR
                     weight = tensors[f"layers.{i}.{parent_name}.{name}.weight"]
                     setattr(parent, name, _quantized(weight, mode, group_size))
     embedding = tensors["embed_tokens.weight"]
-    table = Int8Linear(embedding)
-    tied = model.config.tie_word_embeddings
-    if tied and _int8(embedding, mode):  # one int8 copy serves the lookup and the head
-        head = table
-    else:
-        head = _quantized(embedding if tied else tensors["lm_head.weight"], mode, group_size)
-    if isinstance(head, Int8Linear):
-        head.int8_activations = True
-    model.embed_tokens = Int8Embedding(table, model.config.hidden_size**0.5)
-    model.lm_head = head
+    head_weight = embedding if model.config.tie_word_embeddings else tensors["lm_head.weight"]
+    model.lm_head = Int8HeadLinear(head_weight) if _int8(head_weight, mode) else Int4Linear(head_weight, group_size)
+    scale = model.config.hidden_size**0.5
+    lookup = isinstance(embedding, LazyRows)
+    model.embed_tokens = CheckpointEmbedding(embedding, scale) if lookup else Int8Embedding(embedding, scale)
     rest = {name: param for name, param in model.named_parameters()}  # what is still dense: the norms
     model.load_state_dict({name: tensors[name][:].to(ACT_DTYPE) for name in rest}, strict=False, assign=True)
     model.quantization = mode

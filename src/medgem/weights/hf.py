@@ -61,11 +61,24 @@ class SafetensorsRows(LazyRows):
 
     def __init__(self, file: Path, key: str, shape: list[int]):
         self.file, self.key, self.shape = file, key, tuple(shape)
+        self._handle = None  # set by hold()
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
         with safe_open(self.file, framework="pt") as f:
             part = f.get_slice(self.key)
             return part[:] if len(self.shape) == 1 else part[rows]
+
+    def hold(self) -> None:
+        if self._handle is None:
+            self._handle = safe_open(self.file, framework="pt")
+
+    def __getstate__(self) -> dict:  # copies reopen the file by path
+        return {**self.__dict__, "_handle": None}
+
+    def _rows(self, numbers: list[int]) -> torch.Tensor:
+        self.hold()
+        part = self._handle.get_slice(self.key)
+        return torch.cat([part[n:n + 1] for n in numbers]).float()
 
 
 def lazy_tensors(folder: Path, select=lambda key: key) -> dict[str, SafetensorsRows]:

@@ -22,6 +22,21 @@ class LazyRows:
     def read(self) -> torch.Tensor:
         return self[0:self.shape[0]]
 
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        """Float32 rows `ids` (any shape of row numbers), each distinct row read once: an embedding lookup
+        that leaves the table in the checkpoint file."""
+        unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        rows = self._rows(unique.tolist()) if len(unique) else torch.empty(0, *self.shape[1:])
+        return rows[inverse].reshape(*ids.shape, *self.shape[1:])
+
+    def hold(self) -> None:
+        """Keep the file open for later `gather`s, so a file replaced or deleted after loading cannot
+        change or break a loaded model (readers that read by path override this)."""
+
+    def _rows(self, numbers: list[int]) -> torch.Tensor:
+        """Float32 rows by number, in that order (readers override this with one batched read)."""
+        return torch.cat([self[n:n + 1].float() for n in numbers])
+
     def meta(self) -> torch.Tensor:
         """A shape-only stand-in, for checking names and shapes before anything is read."""
         return torch.empty(self.shape, device="meta")
