@@ -76,6 +76,9 @@ class Pipeline:
         and the server's scheduler. The int8 270M then decodes about 1.2x faster on 2 CPU cores, but the
         first prompt and first decode step spend roughly 100 s compiling (benchmarks/decode.py), so it is
         off by default: worth it for long-running servers and batch jobs, not for one question."""
+        from medgem.engine.quant import keep_out_of_compiled_graphs
+
+        keep_out_of_compiled_graphs(self.model)
         self.engine.model = torch.compile(self.model, dynamic=True)
 
     def use_draft(self, draft: Pipeline, k: int = 4) -> None:
