@@ -163,7 +163,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
                 row["loadavg_before"], row["loadavg_after"] = before, loadavg()
                 runs[n].append(row)
                 print(f"{mode}: {row}", file=sys.stderr)
-        for n, rows in runs.items():  # the median run by decode tok/s, with every run's figure
+        for rows in runs.values():  # the median run by decode tok/s, with every run's figure
             row = sorted(rows, key=lambda r: r["decode_tok_s"] or 0)[len(rows) // 2]
             out["throughput"].append({**row, "decode_tok_s_runs": [r["decode_tok_s"] for r in rows]})
     by = {r["streams"]: r for r in out["throughput"]}

@@ -10,8 +10,8 @@ import torch
 
 import medgem
 from medgem.engine.quant import (
-    Int4Linear,
     CheckpointEmbedding,
+    Int4Linear,
     Int8Embedding,
     Int8HeadLinear,
     Int8Linear,
