@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import medgem
+from medgem.engine import quant
 from medgem.engine.quant import (
     CheckpointEmbedding,
     Int4Linear,
@@ -66,6 +67,17 @@ def test_int8_head_rows_do_not_depend_on_their_batch():
     torch.testing.assert_close(batched, exact, rtol=1e-5, atol=1e-4)
     twin = copy.deepcopy(head)
     assert torch.equal(twin(x), batched) and torch.equal(twin.dequantized(), head.dequantized())
+
+
+def test_int8_head_without_onednn_computes_the_same(monkeypatch):
+    """Where PyTorch lacks oneDNN the head falls back to torch._int_mm: the same integers, the same logits."""
+    torch.manual_seed(4)
+    weight, x = torch.randn(500, 64), torch.randn(3, 64)
+    monkeypatch.setattr(quant, "ONEDNN", False)
+    plain = Int8HeadLinear(weight)
+    monkeypatch.undo()
+    assert not plain.packed and Int8HeadLinear(weight).packed == torch.backends.mkldnn.is_available()
+    assert torch.equal(plain(x), Int8HeadLinear(weight)(x))
 
 
 def test_checkpoint_embedding_reads_the_files_rows(embedded_gguf, tmp_path):

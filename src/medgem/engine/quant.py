@@ -89,7 +89,8 @@ class Int8HeadLinear(nn.Module):
 
     def _pack(self, q: torch.Tensor, scale: torch.Tensor) -> None:
         self.out_features, self.in_features = q.shape
-        self.register_buffer("qweight", torch.ops.onednn.qlinear_prepack(q, None) if ONEDNN else q)
+        self.packed = ONEDNN
+        self.register_buffer("qweight", torch.ops.onednn.qlinear_prepack(q, None) if self.packed else q)
         self.register_buffer("scales", scale.float())
         self.register_buffer("zero_points", torch.zeros(self.out_features, dtype=torch.long))
 
@@ -103,7 +104,7 @@ class Int8HeadLinear(nn.Module):
         rows = x.reshape(-1, self.in_features).float()
         step = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
         ints = torch.round(rows / step)
-        if ONEDNN:  # unsigned input with zero point 128 is the kernel's form of a signed int8 row
+        if self.packed:  # unsigned input with zero point 128 is the kernel's form of a signed int8 row
             out = torch.ops.onednn.qlinear_pointwise((ints + 128).to(torch.uint8), 1.0, 128, self.qweight, self.scales,
                                                      self.zero_points, None, 1.0, 0, torch.float32, "none", [], "")
         else:
@@ -111,7 +112,7 @@ class Int8HeadLinear(nn.Module):
         return (out * step).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def int8_weight(self) -> torch.Tensor:
-        return self.qweight.to_dense().T.contiguous() if ONEDNN else self.qweight
+        return self.qweight.to_dense().T.contiguous() if self.packed else self.qweight
 
     def dequantized(self) -> torch.Tensor:
         return self.int8_weight().float() * self.scales[:, None]
