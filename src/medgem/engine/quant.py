@@ -101,6 +101,7 @@ class Int8HeadLinear(nn.Module):
         return twin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 logits, whatever x's dtype: bf16 logits would only add ties and two conversions."""
         rows = x.reshape(-1, self.in_features).float()
         step = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
         ints = torch.round(rows / step)
@@ -109,7 +110,7 @@ class Int8HeadLinear(nn.Module):
                                                      self.zero_points, None, 1.0, 0, torch.float32, "none", [], "")
         else:
             out = torch._int_mm(ints.to(torch.int8), self.qweight.T).float() * self.scales
-        return (out * step).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return out.mul_(step).reshape(*x.shape[:-1], self.out_features)
 
     def int8_weight(self) -> torch.Tensor:
         return self.qweight.to_dense().T.contiguous() if self.packed else self.qweight
