@@ -89,6 +89,9 @@ def test_checkpoint_embedding_reads_the_files_rows(embedded_gguf, tmp_path):
     assert torch.equal(table.gather(ids), expected)
     emb = CheckpointEmbedding(table, 4.0)
     assert torch.equal(emb(ids), expected.bfloat16() * torch.tensor(4.0, dtype=torch.bfloat16))
+    for bad in (262144, -1):  # a read past the table would return another tensor's bytes: refused
+        with pytest.raises(IndexError, match=f"row {bad} is out of range"):
+            emb(torch.tensor([[5, bad]]))
     copy_path = tmp_path / "copy.gguf"  # a model outlives its file being replaced or deleted
     copy_path.write_bytes(embedded_gguf.read_bytes())
     _, copied, _ = open_text_checkpoint(copy_path)

@@ -25,7 +25,10 @@ class LazyRows:
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
         """Float32 rows `ids` (any shape of row numbers), each distinct row read once: an embedding lookup
         that leaves the table in the checkpoint file."""
-        unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)  # sorted
+        if len(unique) and (unique[0] < 0 or unique[-1] >= self.shape[0]):
+            bad = int(unique[0] if unique[0] < 0 else unique[-1])
+            raise IndexError(f"row {bad} is out of range: this table has rows 0..{self.shape[0] - 1}")
         rows = self._rows(unique.tolist()) if len(unique) else torch.empty(0, *self.shape[1:])
         return rows[inverse].reshape(*ids.shape, *self.shape[1:])
 
