@@ -37,8 +37,8 @@ class LazyRows:
         change or break a loaded model (readers that read by path override this)."""
 
     def _rows(self, numbers: list[int]) -> torch.Tensor:
-        """Float32 rows by number, in that order (readers override this with one batched read)."""
-        return torch.cat([self[n:n + 1].float() for n in numbers])
+        """Float32 rows by number, in that order, read from the held file."""
+        raise NotImplementedError
 
     def meta(self) -> torch.Tensor:
         """A shape-only stand-in, for checking names and shapes before anything is read."""
