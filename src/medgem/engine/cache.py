@@ -2,8 +2,8 @@
 
 Every slot carries its token's position (-1 when empty) and image-group id, so the model derives its
 masks from positions and the slot order never matters. That is what lets a sliding layer be a ring
-buffer of `window` slots: attention runs over [old ring, new keys], then the newest `window` keys
-overwrite the oldest slots.
+buffer of `window` slots: a prefill chunk attends over [old ring, new keys], then the newest `window`
+keys overwrite the oldest slots; a decode step's single key is written first and attends over the ring.
 """
 
 from __future__ import annotations
@@ -59,12 +59,22 @@ class KVCache:
             layer.groups[:, start:end] = groups
             layer.filled = end
             return layer.k[:, :, :end], layer.v[:, :, :end], layer.pos[:, :end], layer.groups[:, :end]
-        # Sliding layer: attend over the old ring plus the new keys, then keep the newest `window`.
+        slots = layer.k.shape[2]
+        if t == 1:
+            # One new key: the one it evicts is `window` positions back, outside the new query's
+            # window, so write first and attend over the ring alone (no copy of the ring per step).
+            i = layer.filled % slots
+            layer.k[:, :, i:i + 1] = k
+            layer.v[:, :, i:i + 1] = v
+            layer.pos[:, i:i + 1] = positions
+            layer.groups[:, i:i + 1] = groups
+            layer.filled += 1
+            return layer.k, layer.v, layer.pos, layer.groups
+        # Several new keys: attend over the old ring plus the new keys, then keep the newest `window`.
         keys = torch.cat((layer.k, k), dim=2)
         values = torch.cat((layer.v, v), dim=2)
         pos = torch.cat((layer.pos, positions), dim=1)
         grp = torch.cat((layer.groups, groups), dim=1)
-        slots = layer.k.shape[2]
         keep = min(t, slots)
         idx = (torch.arange(layer.filled + t - keep, layer.filled + t, device=k.device) % slots)
         layer.k[:, :, idx] = k[:, :, t - keep:]
