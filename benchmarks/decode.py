@@ -5,10 +5,12 @@ prompt (token ids) and generate 128 tokens greedily with --threads threads (2 by
 for every engine:
   prefill tok/s = prompt tokens / time to the first generated token
   decode tok/s  = (new tokens - 1) / (time of the rest)
-Median of --runs runs after one warm-up. Writes benchmarks/results/decode.json.
+Median of --runs runs after one warm-up (of every run of every round with --rounds). Writes
+benchmarks/results/decode.json.
 
     python benchmarks/decode.py                      # every engine that is installed
     python benchmarks/decode.py --engines medgem-int8,llama.cpp --runs 5
+    python benchmarks/decode.py --engines llama.cpp,medgem-int8-compiled --rounds 3   # engines take turns
     medgem-int8-compiled runs Pipeline.compile() (torch.compile); its first run, spent compiling, is
     reported apart (first_run_with_compiling_s) and not in the medians.
 """
@@ -58,10 +60,9 @@ def peak_rss_mb() -> float:
 
 
 def run_medgem(mode: str, ids: list[int], new: int, runs: int) -> dict:
-    import torch
-
-    import medgem
+    import medgem  # noqa: I001 (before torch, as in the CLI: it sets PyTorch's allocation defaults)
     from medgem.engine.sampling import SamplingParams
+    import torch
 
     torch.set_num_threads(THREADS)
     compiled = mode.endswith("-compiled")  # Pipeline.compile(): torch.compile, timed apart from loading
@@ -172,6 +173,24 @@ def measure(once, load_s: float, prompt_tokens: int, runs: int) -> dict:
     }
 
 
+def combine(rounds: list[dict]) -> dict:
+    """One engine's rounds as one result: medians over every run, the highest peak RSS."""
+    ok = [r for r in rounds if "error" not in r]
+    if not ok:
+        return rounds[-1]
+    out = dict(ok[-1])
+    runs = [d for r in ok for d in r["decode_tok_s_runs"]]
+    out["decode_tok_s"] = round(statistics.median(runs), 2)
+    out["decode_tok_s_runs"] = runs
+    out["decode_tok_s_rounds"] = [r["decode_tok_s"] for r in ok]
+    for key in ("prefill_tok_s", "load_s"):
+        out[key] = round(statistics.median(r[key] for r in ok), 2)
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
+    if "first_run_with_compiling_s" in out:
+        out["first_run_with_compiling_s"] = [r["first_run_with_compiling_s"] for r in ok]
+    return out
+
+
 def worker(engine: str, ids: list[int], new: int, runs: int) -> dict:
     if engine.startswith("medgem-"):
         return run_medgem(engine.split("-", 1)[1], ids, new, runs)
@@ -188,6 +207,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1, help="run every engine this many times, taking turns")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--ids", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(RESULTS / "decode.json"))
@@ -201,17 +221,19 @@ def main() -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MEDGEM_BENCH_THREADS=str(args.threads),
                HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
                MEDGEM_BENCH_PROFILE="1" if args.profile else "0")
-    results = {}
-    for engine in args.engines.split(","):
-        cmd = [sys.executable, __file__, "--worker", engine, "--ids", json.dumps(ids),
-               "--new-tokens", str(args.new_tokens), "--runs", str(args.runs)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-            results[engine] = {"error": tail}
-        else:
-            results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(engine, results[engine], flush=True)
+    rounds: dict[str, list[dict]] = {}
+    for _ in range(args.rounds):  # engines take turns, so a slower spell of the machine hits every one
+        for engine in args.engines.split(","):
+            cmd = [sys.executable, __file__, "--worker", engine, "--ids", json.dumps(ids),
+                   "--new-tokens", str(args.new_tokens), "--runs", str(args.runs)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                tail = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+                rounds.setdefault(engine, []).append({"error": tail})
+            else:
+                rounds.setdefault(engine, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(engine, rounds[engine][-1], flush=True)
+    results = {engine: combine(runs) for engine, runs in rounds.items()}
     base = results.get("transformers", {}).get("decode_tok_s")
     peer = results.get("llama.cpp", {}).get("decode_tok_s")
     for r in results.values():
@@ -220,12 +242,16 @@ def main() -> None:
                 r["decode_vs_transformers"] = round(r["decode_tok_s"] / base, 2)
             if peer:
                 r["decode_vs_llama_cpp"] = round(r["decode_tok_s"] / peer, 2)
+            if peer and len(r["decode_tok_s_rounds"]) > 1:
+                r["decode_vs_llama_cpp_rounds"] = [
+                    round(a / b, 2) for a, b in zip(r["decode_tok_s_rounds"], results["llama.cpp"]["decode_tok_s_rounds"])]
     report = {
         "benchmark": "decode",
         "model": "gemma-3-270m-q4_k_m.gguf (embedded default)",
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "runs": args.runs,
+        "rounds": args.rounds,
         "threads": args.threads,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "load_avg_at_end": os.getloadavg()},

@@ -72,14 +72,13 @@ class Pipeline:
         self._speculative: Any = None  # the scheduler Engine that runs text prompts with the draft
 
     def compile(self) -> None:
-        """Generate through `torch.compile` (inductor, dynamic shapes), for `generate`, `stream`, `complete`
-        and the server's scheduler. The int8 270M then decodes about 1.2x faster on 2 CPU cores, but the
-        first prompt and first decode step spend roughly 100 s compiling (benchmarks/decode.py), so it is
-        off by default: worth it for long-running servers and batch jobs, not for one question."""
-        from medgem.engine.quant import keep_out_of_compiled_graphs
+        """Generate through `torch.compile` (engine/compiled.py), for `generate`, `stream`, `complete` and
+        the server's scheduler. The int8 270M then decodes about 1.3x faster on 2 CPU cores, but the first
+        prompt and first decode step spend 30-80 s compiling (benchmarks/decode.py), so it is off by
+        default: worth it for long-running servers and batch jobs, not for one question."""
+        from medgem.engine.compiled import compile_decoder
 
-        keep_out_of_compiled_graphs(self.model)
-        self.engine.model = torch.compile(self.model, dynamic=True)
+        compile_decoder(self.model)
 
     def use_draft(self, draft: Pipeline, k: int = 4) -> None:
         """Speculative decoding: `draft`, a small model with this model's tokenizer (the embedded 270M for

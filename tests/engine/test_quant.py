@@ -182,3 +182,34 @@ def test_streamed_quantized_load_from_safetensors(tmp_path, mode):
     assert torch.equal(streamed.embed_tokens.rows.gather(ids), rows[ids])
     with pytest.raises(CheckpointError, match="lacks tensor 'norm.weight'"):
         load_quantized_text_model(cfg, {k: v for k, v in tensors.items() if k != "norm.weight"}, mode, "tiny")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_fused_projections_match_the_parts_and_yield_to_a_replaced_part(mode):
+    """q/k/v and gate/up run as one matmul over stacked rows (engine/quant.py): the same logits as one
+    call per part, no second copy of the weights, and a part replaced later (LoRA) is never bypassed."""
+    from medgem.config import tiny_text_config
+    from medgem.nn.text import Gemma3Text
+
+    torch.manual_seed(4)
+    model = quantize_text_model(Gemma3Text(tiny_text_config(head_dim=32)).eval(), mode)  # k, v: 64 rows
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    assert attn.fused is not None and mlp.fused is not None
+    assert attn.q_proj.qweight.untyped_storage().data_ptr() == attn.fused.linear.qweight.untyped_storage().data_ptr()
+    assert "fused" not in "".join(name for name, _ in model.named_modules())  # LoRA and state dicts see the parts
+    ids = torch.tensor([[3, 17, 99, 4, 250, 8]])
+    with torch.inference_mode():
+        fused = model(ids)
+        stacks = [(layer.self_attn.fused, layer.mlp.fused) for layer in model.layers]
+        for layer in model.layers:
+            layer.self_attn.fused = layer.mlp.fused = None
+        apart = model(ids)
+        for layer, (a, m) in zip(model.layers, stacks):
+            layer.self_attn.fused, layer.mlp.fused = a, m
+        assert torch.equal(fused, apart)
+        quiet = torch.nn.Linear(attn.q_proj.in_features, attn.q_proj.out_features, bias=False)
+        torch.nn.init.zeros_(quiet.weight)
+        attn.q_proj = quiet.to(torch.bfloat16)  # what LoRA's wrapping does: the fused stack no longer applies
+        assert not torch.equal(model(ids), fused)
+    odd = quantize_text_model(Gemma3Text(tiny_text_config()).eval(), mode)  # k, v: 32 rows
+    assert (odd.layers[0].self_attn.fused is None) == (mode == "int4")  # half an int4 block: kept apart

@@ -13,6 +13,7 @@ copy of the table; a model quantized in memory keeps an int8 table (`Int8Embeddi
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
 
 import torch
@@ -68,6 +69,18 @@ class Int8Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return self.qweight.float() * self.scales.float()[:, None]
 
+    @classmethod
+    def stacked(cls, parts: tuple[Int8Linear, ...]) -> Int8Linear:
+        """One linear over the parts' rows; the parts' weights become views of it (no extra memory)."""
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.register_buffer("qweight", torch.cat([p.qweight for p in parts]))
+        fused.register_buffer("scales", torch.cat([p.scales for p in parts]))
+        fused.out_features, fused.in_features = fused.qweight.shape
+        for part, rows in zip(parts, fused.qweight.split([p.out_features for p in parts]), strict=True):
+            part.qweight = rows
+        return fused
+
 
 ONEDNN = torch.backends.mkldnn.is_available()
 
@@ -119,6 +132,9 @@ class Int8HeadLinear(nn.Module):
         return self.int8_weight().float() * self.scales[:, None]
 
 
+INT4_PACK_ROWS = 64  # _convert_weight_to_int4pack_for_cpu interleaves rows within blocks of 64 (BLOCK_N)
+
+
 class Int4Linear(nn.Module):
     """Group-wise asymmetric int4 (groups along the input dimension), packed for the CPU kernel."""
 
@@ -146,6 +162,56 @@ class Int4Linear(nn.Module):
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.qweight, self.group_size, self.scales_zeros)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
+    @classmethod
+    def stacked(cls, parts: tuple[Int4Linear, ...]) -> Int4Linear:
+        """One linear over the parts' rows (each a whole number of the layout's `INT4_PACK_ROWS`-row
+        blocks); the parts' packed weights become views of it, each keeps its own small scale table."""
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.register_buffer("qweight", torch.cat([p.qweight for p in parts]))
+        fused.register_buffer("scales_zeros", torch.cat([p.scales_zeros for p in parts], dim=1))
+        fused.group_size, fused.in_features = parts[0].group_size, parts[0].in_features
+        fused.out_features = fused.qweight.shape[0]
+        for part, rows in zip(parts, fused.qweight.split([p.out_features for p in parts]), strict=True):
+            part.qweight = rows
+        return fused
+
+
+class FusedProjections:
+    """Quantized linears that read the same input, run as one matmul over their stacked rows.
+
+    At one row of activations a matmul's fixed cost matters: on 2 cores q, k and v take 24 + 11 + 11 us
+    apart and 32 us stacked, gate and up 41 + 41 against 75 (benchmarks/decode.py). A plain object, not a
+    submodule, so state dicts and LoRA see only the parts; nn/text.py uses it while the parts are the
+    ones stacked here.
+    """
+
+    def __init__(self, parts: tuple[Int8Linear, ...] | tuple[Int4Linear, ...]):
+        self.parts = parts
+        self.sizes = [p.out_features for p in parts]
+        self.linear = type(parts[0]).stacked(parts)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.linear(x).split(self.sizes, dim=-1)
+
+
+def _fusable(*parts: nn.Module) -> FusedProjections | None:
+    kinds = {type(p) for p in parts}
+    if len(kinds) != 1 or kinds.pop() not in (Int8Linear, Int4Linear):
+        return None  # int4 mode keeps the file's 6-8-bit tensors int8: mixed parts stay apart
+    if isinstance(parts[0], Int4Linear) and (len({p.group_size for p in parts}) != 1 or
+                                             any(p.out_features % INT4_PACK_ROWS for p in parts)):
+        return None  # the int4 layout packs blocks of rows: stacking splits none only at block edges
+    return FusedProjections(parts)
+
+
+def fuse_projections(model: Gemma3Text) -> None:
+    """Stack q/k/v and gate/up of every layer (see FusedProjections)."""
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.fused = _fusable(attn.q_proj, attn.k_proj, attn.v_proj)
+        mlp.fused = _fusable(mlp.gate_proj, mlp.up_proj)
+
 
 class Int8Embedding(nn.Module):
     """Scaled Gemma embedding lookup from int8 rows (a model quantized in memory)."""
@@ -170,9 +236,13 @@ class Int8Embedding(nn.Module):
 class CheckpointEmbedding(nn.Module):
     """Scaled Gemma embedding lookup that reads the rows it needs from the checkpoint file.
 
-    A token needs one row of the 262k-row table, so reading it (a few microseconds, from the page cache)
-    beats holding 168 MB of int8 rows next to the packed LM head. Rows keep the file's own precision.
+    A token needs one row of the 262k-row table, so reading it from the page cache beats holding 168 MB
+    of int8 rows next to the packed LM head. Rows keep the file's own precision. The last `RECENT` rows
+    used are kept, scaled (5 MB): text reuses a small vocabulary, and a row read and dequantized costs
+    about 0.3 ms, a kept one microseconds.
     """
+
+    RECENT = 4096
 
     def __init__(self, rows: LazyRows, scale: float):
         super().__init__()
@@ -181,10 +251,21 @@ class CheckpointEmbedding(nn.Module):
         self.embed_scale = scale
         self.embedding_dim = rows.shape[1]
         self.register_buffer("probe", torch.empty(0, dtype=ACT_DTYPE))
+        self._recent: OrderedDict[int, torch.Tensor] = OrderedDict()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.rows.gather(ids.cpu()).to(ACT_DTYPE)
-        return rows * torch.tensor(self.embed_scale, dtype=ACT_DTYPE)
+        flat = ids.reshape(-1).tolist()
+        missing = sorted(set(flat).difference(self._recent))
+        if missing:  # gather refuses ids outside the table
+            rows = self.rows.gather(torch.tensor(missing)).to(ACT_DTYPE)
+            rows = rows * torch.tensor(self.embed_scale, dtype=ACT_DTYPE)
+            self._recent.update(zip(missing, rows.unbind()))
+        for i in flat:
+            self._recent.move_to_end(i)
+        out = torch.stack([self._recent[i] for i in flat]).reshape(*ids.shape, self.embedding_dim)
+        while len(self._recent) > self.RECENT:
+            self._recent.popitem(last=False)
+        return out.to(ids.device)
 
     @property
     def weight(self) -> torch.Tensor:  # for code that reads the embedding matrix (dtype/device probes)
@@ -246,6 +327,7 @@ def _quantize_into(model: Gemma3Text, tensors: Mapping[str, torch.Tensor | LazyR
                     setattr(parent, name, _quantized(weight, mode, group_size))
     rest = {name: param for name, param in model.named_parameters()}  # what is still dense: the norms
     model.load_state_dict({name: tensors[name][:].to(ACT_DTYPE) for name in rest}, strict=False, assign=True)
+    fuse_projections(model)
     model.quantization = mode
     return model
 

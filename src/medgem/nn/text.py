@@ -82,6 +82,14 @@ def attention_mask(
     return allowed[:, None]
 
 
+def project(x: torch.Tensor, parts: tuple[nn.Module, ...], fused) -> tuple[torch.Tensor, ...]:
+    """Each of `parts` applied to x: in one matmul when the engine stacked exactly these weights
+    (engine/quant.py, `fuse_projections`); one call each once anything replaced a part (LoRA)."""
+    if fused is not None and fused.parts == parts:
+        return fused(x)
+    return tuple(part(x) for part in parts)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
@@ -97,6 +105,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.fused = None  # q, k and v as one matmul (engine/quant.py); not a submodule
 
     def forward(
         self,
@@ -108,9 +117,10 @@ class Attention(nn.Module):
         masks: dict,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), self.fused)
+        q = self.q_norm(q.view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(k.view(b, t, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
         k_pos, k_groups = positions, groups
         if cache is not None:
@@ -119,7 +129,9 @@ class Attention(nn.Module):
         mask = masks.get(self.window)
         if mask is None or mask.shape[-1] != k_pos.shape[-1]:
             mask = masks[self.window] = attention_mask(positions, k_pos, groups, k_groups, self.window)
-        if self.softcap is None:
+        if self.softcap is None and t == 1 and q.device.type == "cpu":
+            out = self._decode_attention(q, k, v, mask)
+        elif self.softcap is None:
             # CPU SDPA in bf16 is ~10x slower than in fp32 past a few hundred keys; compute it in fp32.
             upcast = q.device.type == "cpu" and q.dtype != torch.float32
             qf, kf, vf = (q.float(), k.float(), v.float()) if upcast else (q, k, v)
@@ -135,6 +147,16 @@ class Attention(nn.Module):
             out = torch.softmax(scores, dim=-1).to(q.dtype) @ v
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
+    def _decode_attention(self, q, k, v, mask):
+        """One query per sequence, every head of a KV group in one matmul, in fp32."""
+        b, _, t, d = q.shape
+        rep = self.n_heads // self.n_kv
+        qf = q.float().reshape(b, self.n_kv, rep * t, d)
+        scores = (qf @ k.float().transpose(-1, -2)) * self.scale
+        scores = scores.view(b, self.n_kv, rep, t, -1).masked_fill(~mask[:, :, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).view(b, self.n_kv, rep * t, -1)
+        return (probs @ v.float()).view(b, self.n_heads, t, d).to(q.dtype)
+
 
 class MLP(nn.Module):
     """GeGLU: down(gelu_tanh(gate(x)) * up(x))."""
@@ -144,9 +166,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.fused = None  # gate and up as one matmul (engine/quant.py); not a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        gate, up = project(x, (self.gate_proj, self.up_proj), self.fused)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class DecoderLayer(nn.Module):
@@ -232,17 +256,23 @@ class Gemma3Text(nn.Module):
             positions = torch.arange(t, device=x.device).expand(b, t)
         if groups is None:
             groups = torch.full((b, t), -1, dtype=torch.long, device=x.device)
-        rope_pos = positions.clamp(min=0)
-        local, global_ = rope_cos_sin(rope_pos, self.inv_freq_local), rope_cos_sin(rope_pos, self.inv_freq_global)
-        masks: dict = {}
-        for layer in self.layers:
-            x = layer(x, local if layer.is_sliding else global_, positions, groups, cache, masks)
-        x = self.norm(x)
+        x = self.decoder(x, positions, groups, cache)
         if last_only:
             x = x[:, -1:]
         if return_hidden:
             return x
         return self.logits(x)
+
+    def decoder(self, x: torch.Tensor, positions: torch.Tensor, groups: torch.Tensor,
+                cache: KVCache | None) -> torch.Tensor:
+        """Embeddings -> final-normed hidden states: every layer, nothing of the vocabulary. It is what
+        `Pipeline.compile` compiles; the embedding lookup and the LM head stay outside."""
+        rope_pos = positions.clamp(min=0)
+        local, global_ = rope_cos_sin(rope_pos, self.inv_freq_local), rope_cos_sin(rope_pos, self.inv_freq_global)
+        masks: dict = {}
+        for layer in self.layers:
+            x = layer(x, local if layer.is_sliding else global_, positions, groups, cache, masks)
+        return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden).float()
