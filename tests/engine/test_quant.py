@@ -213,3 +213,32 @@ def test_fused_projections_match_the_parts_and_yield_to_a_replaced_part(mode):
         assert not torch.equal(model(ids), fused)
     odd = quantize_text_model(Gemma3Text(tiny_text_config()).eval(), mode)  # k, v: 32 rows
     assert (odd.layers[0].self_attn.fused is None) == (mode == "int4")  # half an int4 block: kept apart
+
+
+def test_checkpoint_embedding_keeps_recent_rows_and_stays_exact(tmp_path, monkeypatch):
+    """Rows read from the file are kept (at most RECENT, least recently used out first); a kept row is
+    the same as a fresh read, and ids outside the table are still refused."""
+    from safetensors.torch import save_file
+
+    from medgem.config import tiny_text_config, to_hf_config
+    from medgem.nn.text import Gemma3Text
+
+    torch.manual_seed(5)
+    model = Gemma3Text(tiny_text_config(vocab_size=1000)).eval()
+    save_file({f"model.{k}": v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+              str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(to_hf_config(model.config)))
+    _, tensors, _ = open_text_checkpoint(tmp_path)
+    monkeypatch.setattr(CheckpointEmbedding, "RECENT", 4)
+    embed = CheckpointEmbedding(tensors["embed_tokens.weight"], 8.0)
+    table = (model.embed_tokens.weight.detach().to(torch.bfloat16) * torch.tensor(8.0, dtype=torch.bfloat16))
+    reads = []
+    gather = embed.rows.gather
+    monkeypatch.setattr(embed.rows, "gather", lambda ids: reads.append(ids.tolist()) or gather(ids))
+    for ids in ([[7, 3, 7]], [[3, 9]], [[1, 2, 5]], [[3]], [[9, 7]]):
+        batch = torch.tensor(ids)
+        assert torch.equal(embed(batch), table[batch])
+    # 1, 2 and 5 push out 7 and 3 (least recently used), so 3 is read again, then 7 and 9
+    assert reads == [[3, 7], [9], [1, 2, 5], [3], [7, 9]] and list(embed._recent) == [5, 3, 9, 7]
+    with pytest.raises(IndexError, match="row 1000 is out of range"):
+        embed(torch.tensor([[4, 1000]]))

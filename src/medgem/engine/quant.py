@@ -13,7 +13,6 @@ copy of the table; a model quantized in memory keeps an int8 table (`Int8Embeddi
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Mapping
 
 import torch
@@ -181,7 +180,7 @@ class FusedProjections:
     """Quantized linears that read the same input, run as one matmul over their stacked rows.
 
     At one row of activations a matmul's fixed cost matters: on 2 cores q, k and v take 24 + 11 + 11 us
-    apart and 32 us stacked, gate and up 41 + 41 against 75 (benchmarks/decode.py). A plain object, not a
+    apart and 32 us stacked, gate and up 41 + 41 against 75 (measured apart from the model). A plain object, not a
     submodule, so state dicts and LoRA see only the parts; nn/text.py uses it while the parts are the
     ones stacked here.
     """
@@ -251,20 +250,21 @@ class CheckpointEmbedding(nn.Module):
         self.embed_scale = scale
         self.embedding_dim = rows.shape[1]
         self.register_buffer("probe", torch.empty(0, dtype=ACT_DTYPE))
-        self._recent: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._recent: dict[int, torch.Tensor] = {}  # token id -> scaled row, oldest use first
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1).tolist()
-        missing = sorted(set(flat).difference(self._recent))
+        # Taken out and put back, so the most recently used rows sit at the end and the oldest go first.
+        found = {i: self._recent.pop(i, None) for i in dict.fromkeys(flat)}
+        missing = sorted(i for i, row in found.items() if row is None)
         if missing:  # gather refuses ids outside the table
             rows = self.rows.gather(torch.tensor(missing)).to(ACT_DTYPE)
             rows = rows * torch.tensor(self.embed_scale, dtype=ACT_DTYPE)
-            self._recent.update(zip(missing, rows.unbind()))
-        for i in flat:
-            self._recent.move_to_end(i)
-        out = torch.stack([self._recent[i] for i in flat]).reshape(*ids.shape, self.embedding_dim)
+            found.update(zip(missing, rows.unbind()))
+        self._recent.update(found)
         while len(self._recent) > self.RECENT:
-            self._recent.popitem(last=False)
+            self._recent.pop(next(iter(self._recent)), None)
+        out = torch.stack([found[i] for i in flat]).reshape(*ids.shape, self.embedding_dim)
         return out.to(ids.device)
 
     @property
