@@ -272,15 +272,6 @@ class CheckpointEmbedding(nn.Module):
         return self.probe
 
 
-def keep_out_of_compiled_graphs(model: nn.Module) -> None:
-    """Run the modules inductor cannot take (oneDNN's opaque packed head, embedding rows read from the
-    file) eagerly inside a torch.compile'd model. Marked only when compiling: a disabled call costs
-    about 0.15 ms even in plain eager decoding."""
-    for module in model.modules():
-        if isinstance(module, (Int8HeadLinear, CheckpointEmbedding)) and "forward" not in vars(module):
-            module.forward = torch.compiler.disable(module.forward)
-
-
 INT4_MAX_STORED_BITS = 5.0  # int4 mode keeps int8 for tensors a GGUF stores with 5 or more bits
 
 
