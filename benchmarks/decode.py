@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,34 +32,22 @@ PROFILE = os.environ.get("MEDGEM_BENCH_PROFILE") == "1"
 THREADS = int(os.environ.get("MEDGEM_BENCH_THREADS", "2"))
 ENGINES = ["medgem-fp32", "medgem-bf16", "medgem-int8", "medgem-int4", "medgem-int8-compiled", "transformers",
            "llama.cpp"]
-TEXT = (
-    "Discharge summary. The patient is a 67-year-old man with a history of hypertension, type 2 diabetes "
-    "mellitus and chronic obstructive pulmonary disease who presented to the emergency department with "
-    "three days of fever, productive cough and right-sided pleuritic chest pain. On arrival he was "
-    "tachycardic and hypoxic, with oxygen saturation of 88 percent on room air. Chest radiography showed "
-    "consolidation of the right lower lobe with a small parapneumonic effusion. Blood cultures were drawn "
-    "and he was started on intravenous ceftriaxone and azithromycin. His creatinine was elevated at 1.8 "
-    "mg/dL from a baseline of 1.1, which improved with intravenous fluids. Over the following days his "
-    "fever resolved, his oxygen requirement decreased, and he was transitioned to oral antibiotics. "
-)
 
 
 def prompt_ids(n: int) -> list[int]:
     """Computed once in the parent and handed to the workers, so no worker's peak RSS includes it."""
+    from medgem.bench import bench_prompt
     from medgem.processing.tokenizer import Tokenizer
     from medgem.weights import embedded_gguf, gguf_reader, medgem_home
 
     index = gguf_reader.GGUFIndex.load(embedded_gguf(), medgem_home() / "gguf-index")
-    ids = Tokenizer.from_gguf(index, medgem_home() / "tokenizers").encode(TEXT * 4, add_bos=True)
-    return ids[:n]
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    tokenizer = Tokenizer.from_gguf(index, medgem_home() / "tokenizers")
+    return bench_prompt(lambda text: tokenizer.encode(text, add_bos=True), n)
 
 
 def run_medgem(mode: str, ids: list[int], new: int, runs: int) -> dict:
     import medgem  # noqa: I001 (before torch, as in the CLI: it sets PyTorch's allocation defaults)
+    from medgem.bench import measure, timed_generation
     from medgem.engine.sampling import SamplingParams
     import torch
 
@@ -72,17 +59,7 @@ def run_medgem(mode: str, ids: list[int], new: int, runs: int) -> dict:
     t0 = time.perf_counter()
     pipe = medgem.load(dtype=dtype, quant=quant)
     load_s = time.perf_counter() - t0
-    params = SamplingParams(max_new_tokens=new, ignore_eos=True)
-
-    def once():
-        start, first, count = time.perf_counter(), None, 0
-        for event in pipe.engine.stream([ids], [params]):
-            if first is None:
-                first = time.perf_counter()
-            if event.done:
-                count = event.completion.completion_tokens
-        return first - start, time.perf_counter() - first, count
-
+    once = timed_generation(pipe, ids, new)
     compile_s = None
     if compiled:
         pipe.compile()
@@ -93,7 +70,7 @@ def run_medgem(mode: str, ids: list[int], new: int, runs: int) -> dict:
     if compiled:
         result["first_run_with_compiling_s"] = compile_s
     if PROFILE:
-        result["profile"] = profile_decode(pipe, ids, params, mode)
+        result["profile"] = profile_decode(pipe, ids, SamplingParams(max_new_tokens=new, ignore_eos=True), mode)
     return result
 
 
@@ -111,9 +88,11 @@ def profile_decode(pipe, ids: list[int], params, mode: str) -> str:
 
 
 def run_transformers(ids: list[int], new: int, runs: int) -> dict:
+    # The peers import medgem after their own libraries, so medgem's import-time defaults never reach them.
     import torch
     from transformers import AutoModelForCausalLM
 
+    from medgem.bench import measure
     from medgem.weights import embedded_gguf
 
     torch.set_num_threads(THREADS)
@@ -139,6 +118,7 @@ def run_transformers(ids: list[int], new: int, runs: int) -> dict:
 def run_llama_cpp(ids: list[int], new: int, runs: int) -> dict:
     from llama_cpp import Llama
 
+    from medgem.bench import measure
     from medgem.weights import embedded_gguf
 
     t0 = time.perf_counter()
@@ -156,21 +136,6 @@ def run_llama_cpp(ids: list[int], new: int, runs: int) -> dict:
         return first - start, time.perf_counter() - first, count
 
     return measure(once, load_s, len(ids), runs)
-
-
-def measure(once, load_s: float, prompt_tokens: int, runs: int) -> dict:
-    once()  # warm-up
-    samples = [once() for _ in range(runs)]
-    prefill = [prompt_tokens / s[0] for s in samples]
-    decode = [(s[2] - 1) / s[1] for s in samples if s[1] > 0]
-    return {
-        "load_s": round(load_s, 2),
-        "prefill_tok_s": round(statistics.median(prefill), 1),
-        "decode_tok_s": round(statistics.median(decode), 2),
-        "decode_tok_s_runs": [round(d, 2) for d in decode],
-        "new_tokens": samples[-1][2],
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-    }
 
 
 def combine(rounds: list[dict]) -> dict:

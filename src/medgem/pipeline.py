@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from medgem.config import TextConfig, is_multimodal_hf_config
-from medgem.engine.generate import Completion, Generator
+from medgem.engine.generate import Completion, Generator, StreamEvent
 from medgem.engine.quant import QUANT_MODES, load_quantized_text_model, quantize_text_model
 from medgem.engine.sampling import SamplingParams
 from medgem.errors import CapabilityError, InputError
@@ -66,6 +66,7 @@ class Pipeline:
         self.config = text_config
         self.source = source
         self.load_seconds = load_seconds
+        self.compiled = False  # set by compile()
         self.engine = Generator(model, text_config, lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
                                 tokenizer.stop_ids, tokenizer.pad_id)
         self.draft: tuple[torch.nn.Module, int] | None = None  # (draft model, tokens per step): use_draft
@@ -79,6 +80,7 @@ class Pipeline:
         from medgem.engine.compiled import compile_decoder
 
         compile_decoder(self.model)
+        self.compiled = True
 
     def use_draft(self, draft: Pipeline, k: int = 4) -> None:
         """Speculative decoding: `draft`, a small model with this model's tokenizer (the embedded 270M for
@@ -188,17 +190,20 @@ class Pipeline:
         """Text pieces as they are generated; `self.last_completion` holds the accounting afterwards."""
         params = self.sampling(**sampling)
         ids, extra = self._batch_inputs([prompt], raw, system)
-        if self.draft is not None and extra is None:
-            from medgem.engine.scheduler import Request
-
-            events = self._draft_engine().stream(Request(ids[0], params))
-        else:
-            events = self.engine.stream(ids, [params], extra)
-        for event in events:
+        for event in self.events(ids[0], params, extra):
             if event.text:
                 yield event.text
             if event.done:
                 self.last_completion = event.completion
+
+    def events(self, ids: list[int], params: SamplingParams, extra: dict | None = None) -> Iterator[StreamEvent]:
+        """Generation events for one prompt of token ids: through the draft engine when `use_draft` set
+        one (text prompts), else the generator. `medgem bench` times these."""
+        if self.draft is not None and extra is None:
+            from medgem.engine.scheduler import Request
+
+            return self._draft_engine().stream(Request(ids, params))
+        return self.engine.stream([ids], [params], extra)
 
     # -- scoring --------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -15,7 +15,8 @@ import sys
 from medgem.errors import MedgemError
 
 # Module names under medgem.cli, in the order `medgem --help` lists them.
-SUBCOMMANDS = ["generate", "serve", "dicom", "eval", "ehr", "finetune", "embed", "classify", "probe", "index", "search"]
+SUBCOMMANDS = ["generate", "serve", "bench", "dicom", "eval", "ehr", "finetune", "embed", "classify", "probe", "index",
+               "search"]
 
 
 def build_parser() -> argparse.ArgumentParser:
