@@ -88,7 +88,6 @@ def profile_decode(pipe, ids: list[int], params, mode: str) -> str:
 
 
 def run_transformers(ids: list[int], new: int, runs: int) -> dict:
-    # The peers import medgem after their own libraries, so medgem's import-time defaults never reach them.
     import torch
     from transformers import AutoModelForCausalLM
 
