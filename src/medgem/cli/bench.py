@@ -35,16 +35,17 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from medgem.bench import bench_pipeline, check_sizes
+    from medgem.engine.slots import activation_dtype
 
     print_notice()
     check_sizes(args.prompt_tokens, args.new_tokens, args.runs)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     pipe = load_from_args(args)
+    text = getattr(pipe.model, "language_model", pipe.model)
     result = {
-        "model": pipe.source, "quant": getattr(pipe.model, "quantization", None) or getattr(
-            getattr(pipe.model, "language_model", None), "quantization", "none"),
-        "dtype": str(next(p for p in pipe.model.parameters() if p.is_floating_point()).dtype).removeprefix("torch."),
+        "model": pipe.source, "quant": getattr(text, "quantization", "none"),
+        "dtype": str(activation_dtype(pipe.model)).removeprefix("torch."),
         "compiled": pipe.compiled, "draft": args.draft, "threads": torch.get_num_threads(),
         **bench_pipeline(pipe, args.prompt_tokens, args.new_tokens, args.runs),
     }

@@ -71,13 +71,8 @@ class Int8Linear(nn.Module):
     @classmethod
     def stacked(cls, parts: tuple[Int8Linear, ...]) -> Int8Linear:
         """One linear over the parts' rows; the parts' weights become views of it (no extra memory)."""
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused.register_buffer("qweight", torch.cat([p.qweight for p in parts]))
+        fused = _stack_rows(cls, parts)
         fused.register_buffer("scales", torch.cat([p.scales for p in parts]))
-        fused.out_features, fused.in_features = fused.qweight.shape
-        for part, rows in zip(parts, fused.qweight.split([p.out_features for p in parts]), strict=True):
-            part.qweight = rows
         return fused
 
 
@@ -165,15 +160,21 @@ class Int4Linear(nn.Module):
     def stacked(cls, parts: tuple[Int4Linear, ...]) -> Int4Linear:
         """One linear over the parts' rows (each a whole number of the layout's `INT4_PACK_ROWS`-row
         blocks); the parts' packed weights become views of it, each keeps its own small scale table."""
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused.register_buffer("qweight", torch.cat([p.qweight for p in parts]))
+        fused = _stack_rows(cls, parts)
         fused.register_buffer("scales_zeros", torch.cat([p.scales_zeros for p in parts], dim=1))
-        fused.group_size, fused.in_features = parts[0].group_size, parts[0].in_features
-        fused.out_features = fused.qweight.shape[0]
-        for part, rows in zip(parts, fused.qweight.split([p.out_features for p in parts]), strict=True):
-            part.qweight = rows
+        fused.group_size = parts[0].group_size
         return fused
+
+
+def _stack_rows(cls: type[nn.Module], parts: tuple[nn.Module, ...]) -> nn.Module:
+    """A bare `cls` whose weight is the parts' weight rows stacked; each part's weight becomes a view."""
+    fused = cls.__new__(cls)
+    nn.Module.__init__(fused)
+    fused.register_buffer("qweight", torch.cat([p.qweight for p in parts]))
+    fused.out_features, fused.in_features = sum(p.out_features for p in parts), parts[0].in_features
+    for part, rows in zip(parts, fused.qweight.split([p.out_features for p in parts]), strict=True):
+        part.qweight = rows
+    return fused
 
 
 class FusedProjections:

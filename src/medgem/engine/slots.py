@@ -130,7 +130,7 @@ class SlotModel:
         self.model, self.config = model, cfg
         param = next(model.parameters())
         self.device = param.device
-        self.cache = SlotCache(cfg, slots, capacity, slack, dtype=_float_dtype(model), device=param.device)
+        self.cache = SlotCache(cfg, slots, capacity, slack, dtype=activation_dtype(model), device=param.device)
         # The LM head runs only on the rows whose logits are wanted, not on padding rows.
         self._head = getattr(model, "language_model", model).logits
 
@@ -151,7 +151,7 @@ class SlotModel:
         return self._head(hidden).float().cpu()
 
 
-def _float_dtype(model: torch.nn.Module) -> torch.dtype:
+def activation_dtype(model: torch.nn.Module) -> torch.dtype:
     """The activation dtype: the first floating parameter (quantized models also hold integer tensors)."""
     for p in model.parameters():
         if p.is_floating_point():
