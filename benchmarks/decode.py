@@ -13,6 +13,14 @@ benchmarks/results/decode.json.
     python benchmarks/decode.py --engines llama.cpp,medgem-int8-compiled --rounds 3   # engines take turns
     medgem-int8-compiled runs Pipeline.compile() (torch.compile); its first run, spent compiling, is
     reported apart (first_run_with_compiling_s) and not in the medians.
+
+Prompt lookup decoding (speculative, no draft model) is a separate comparison, not plain decoding:
+medgem-int8-lookup (`--draft lookup`) against llama.cpp-lookup (llama-cpp-python's
+LlamaPromptLookupDecoding), both drafting up to LOOKUP_TOKENS tokens from n-grams of up to
+LOOKUP_NGRAM tokens. Its speed depends on how much the answer repeats the prompt; on this prompt (a
+discharge summary that the base model tends to continue by repeating it) it is high.
+
+    python benchmarks/decode.py --engines llama.cpp-lookup,medgem-int8-lookup --out benchmarks/results/decode_lookup.json
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ PROFILE = os.environ.get("MEDGEM_BENCH_PROFILE") == "1"
 THREADS = int(os.environ.get("MEDGEM_BENCH_THREADS", "2"))
 ENGINES = ["medgem-fp32", "medgem-bf16", "medgem-int8", "medgem-int4", "medgem-int8-compiled", "transformers",
            "llama.cpp"]
+LOOKUP_TOKENS, LOOKUP_NGRAM = 8, 3
 
 
 def prompt_ids(n: int) -> list[int]:
@@ -52,6 +61,8 @@ def run_medgem(mode: str, ids: list[int], new: int, runs: int) -> dict:
     import torch
 
     torch.set_num_threads(THREADS)
+    lookup = mode.endswith("-lookup")  # prompt lookup decoding (--draft lookup)
+    mode = mode.removesuffix("-lookup")
     compiled = mode.endswith("-compiled")  # Pipeline.compile(): torch.compile, timed apart from loading
     mode = mode.removesuffix("-compiled")
     dtype, quant = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"),
@@ -59,6 +70,8 @@ def run_medgem(mode: str, ids: list[int], new: int, runs: int) -> dict:
     t0 = time.perf_counter()
     pipe = medgem.load(dtype=dtype, quant=quant)
     load_s = time.perf_counter() - t0
+    if lookup:
+        pipe.use_prompt_lookup(LOOKUP_TOKENS, LOOKUP_NGRAM)
     once = timed_generation(pipe, ids, new)
     compile_s = None
     if compiled:
@@ -114,14 +127,17 @@ def run_transformers(ids: list[int], new: int, runs: int) -> dict:
     return measure(once, load_s, len(ids), runs)
 
 
-def run_llama_cpp(ids: list[int], new: int, runs: int) -> dict:
+def run_llama_cpp(ids: list[int], new: int, runs: int, lookup: bool = False) -> dict:
     from llama_cpp import Llama
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
     from medgem.bench import measure
     from medgem.weights import embedded_gguf
 
+    draft = LlamaPromptLookupDecoding(max_ngram_size=LOOKUP_NGRAM, num_pred_tokens=LOOKUP_TOKENS) if lookup else None
     t0 = time.perf_counter()
-    llm = Llama(model_path=str(embedded_gguf()), n_threads=THREADS, n_ctx=len(ids) + new + 8, verbose=False)
+    llm = Llama(model_path=str(embedded_gguf()), n_threads=THREADS, n_ctx=len(ids) + new + LOOKUP_TOKENS + 8,
+                verbose=False, draft_model=draft)
     load_s = time.perf_counter() - t0
 
     def once():
@@ -160,8 +176,8 @@ def worker(engine: str, ids: list[int], new: int, runs: int) -> dict:
         return run_medgem(engine.split("-", 1)[1], ids, new, runs)
     if engine == "transformers":
         return run_transformers(ids, new, runs)
-    if engine == "llama.cpp":
-        return run_llama_cpp(ids, new, runs)
+    if engine in ("llama.cpp", "llama.cpp-lookup"):
+        return run_llama_cpp(ids, new, runs, lookup=engine.endswith("-lookup"))
     raise SystemExit(f"unknown engine {engine}")
 
 
@@ -199,16 +215,17 @@ def main() -> None:
             print(engine, rounds[engine][-1], flush=True)
     results = {engine: combine(runs) for engine, runs in rounds.items()}
     base = results.get("transformers", {}).get("decode_tok_s")
-    peer = results.get("llama.cpp", {}).get("decode_tok_s")
-    for r in results.values():
-        if "decode_tok_s" in r:
-            if base:
-                r["decode_vs_transformers"] = round(r["decode_tok_s"] / base, 2)
-            if peer:
-                r["decode_vs_llama_cpp"] = round(r["decode_tok_s"] / peer, 2)
-            if peer and len(r["decode_tok_s_rounds"]) > 1:
+    for name, r in results.items():
+        if "decode_tok_s" not in r:
+            continue
+        if base:
+            r["decode_vs_transformers"] = round(r["decode_tok_s"] / base, 2)
+        peer = results.get("llama.cpp-lookup" if name.endswith("-lookup") else "llama.cpp", {})  # like with like
+        if peer.get("decode_tok_s"):
+            r["decode_vs_llama_cpp"] = round(r["decode_tok_s"] / peer["decode_tok_s"], 2)
+            if len(r["decode_tok_s_rounds"]) > 1:
                 r["decode_vs_llama_cpp_rounds"] = [
-                    round(a / b, 2) for a, b in zip(r["decode_tok_s_rounds"], results["llama.cpp"]["decode_tok_s_rounds"])]
+                    round(a / b, 2) for a, b in zip(r["decode_tok_s_rounds"], peer["decode_tok_s_rounds"])]
     report = {
         "benchmark": "decode",
         "model": "gemma-3-270m-q4_k_m.gguf (embedded default)",

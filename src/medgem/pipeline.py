@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from medgem.config import TextConfig, is_multimodal_hf_config
 from medgem.engine.generate import Completion, Generator, StreamEvent
 from medgem.engine.quant import QUANT_MODES, load_quantized_text_model, quantize_text_model
 from medgem.engine.sampling import SamplingParams
+from medgem.engine.speculative import Drafter, PromptLookup
 from medgem.errors import CapabilityError, InputError
 from medgem.processing.multimodal import MultimodalProcessor
 from medgem.processing.tokenizer import Tokenizer, render_chat
@@ -69,7 +70,7 @@ class Pipeline:
         self.compiled = False  # set by compile()
         self.engine = Generator(model, text_config, lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
                                 tokenizer.stop_ids, tokenizer.pad_id)
-        self.draft: tuple[torch.nn.Module, int] | None = None  # (draft model, tokens per step): use_draft
+        self.draft: Callable[[], Drafter | PromptLookup] | None = None  # makes the drafter: use_draft/use_prompt_lookup
         self._speculative: Any = None  # the scheduler Engine that runs text prompts with the draft
 
     def compile(self) -> None:
@@ -93,14 +94,20 @@ class Pipeline:
                 draft.tokenizer.encode(probe) != self.tokenizer.encode(probe):
             raise InputError(f"the draft model {draft.source} does not share this model's tokenizer "
                              f"({draft.tokenizer.vocab_size} vs {self.tokenizer.vocab_size} tokens)")
-        from medgem.engine.speculative import Drafter
-
         Drafter(draft.model, k)  # validates k and the model kind now, not at the first request
         self.close()
-        self.draft = (draft.model, k)
+        self.draft = lambda: Drafter(draft.model, k)
+
+    def use_prompt_lookup(self, k: int = 8, max_ngram: int = 3) -> None:
+        """Speculative decoding with no draft model: up to `k` tokens copied from where the text's last
+        1..`max_ngram` tokens occurred before (engine/speculative.py `PromptLookup`). It pays where the
+        answer repeats its prompt (summaries, extraction, report drafting). Output as with `use_draft`."""
+        PromptLookup(k, max_ngram)  # validates now, not at the first request
+        self.close()
+        self.draft = lambda: PromptLookup(k, max_ngram)
 
     def close(self) -> None:
-        """Stop the speculative engine's model thread, if `use_draft` started one."""
+        """Stop the speculative engine's model thread, if `use_draft`/`use_prompt_lookup` started one."""
         if self._speculative is not None:
             self._speculative.close()
             self._speculative = None
@@ -108,11 +115,9 @@ class Pipeline:
     def _draft_engine(self):
         if self._speculative is None:
             from medgem.engine.scheduler import Engine, Scheduler
-            from medgem.engine.speculative import Drafter
 
-            model, k = self.draft
             max_len = min(self.config.max_position_embeddings, SPECULATIVE_MAX_LEN)
-            self._speculative = Engine(Scheduler(self.engine, max_slots=4, max_len=max_len, draft=Drafter(model, k)))
+            self._speculative = Engine(Scheduler(self.engine, max_slots=4, max_len=max_len, draft=self.draft()))
         return self._speculative
 
     @property
@@ -197,8 +202,8 @@ class Pipeline:
                 self.last_completion = event.completion
 
     def events(self, ids: list[int], params: SamplingParams, extra: dict | None = None) -> Iterator[StreamEvent]:
-        """Generation events for one prompt of token ids: through the draft engine when `use_draft` set
-        one (text prompts), else the generator. `medgem bench` times these."""
+        """Generation events for one prompt of token ids: through the speculative engine when `use_draft`
+        or `use_prompt_lookup` set one (text prompts), else the generator. `medgem bench` times these."""
         if self.draft is not None and extra is None:
             from medgem.engine.scheduler import Request
 
@@ -271,4 +276,18 @@ def load(src: str | Path | None = None, *, mmproj: str | Path | None = None, dty
     return Pipeline(model, tokenizer, text_config, name, time.perf_counter() - start, processor)
 
 
-__all__ = ["Pipeline", "load", "resolve_source"]
+DRAFT_TOKENS = {"lookup": 8, "model": 4}  # default tokens a step: copying is cheap, a draft model is not
+
+
+def add_draft(pipe: Pipeline, draft: str, k: int | None = None, **load_options: Any) -> None:
+    """The --draft flag: "lookup" (prompt lookup, no model), "embedded" (the embedded 270M) or a model
+    source loaded with `load_options` (dtype, device, quant), for speculative decoding of `pipe`."""
+    kind = "lookup" if draft == "lookup" else "model"
+    k = DRAFT_TOKENS[kind] if k is None else k
+    if kind == "lookup":
+        pipe.use_prompt_lookup(k)
+    else:
+        pipe.use_draft(load(None if draft == "embedded" else draft, **load_options), k)
+
+
+__all__ = ["Pipeline", "add_draft", "load", "resolve_source"]

@@ -122,3 +122,14 @@ def test_draft_flag_keeps_greedy_text():
     assert plain.returncode == 0 and drafted.returncode == 0, drafted.stderr
     assert json.loads(drafted.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
     assert_clean_error(medgem("generate", "hi", "--draft", "embedded", "--draft-tokens", "0"), "at least 1 token")
+
+
+def test_draft_lookup_keeps_greedy_text():
+    """--draft lookup: tokens copied from earlier in the text, checked by the model (fp32, so the check
+    of several tokens at once rounds exactly as one at a time); the answer is unchanged."""
+    args = ["generate", "--raw", "Findings: small left pleural effusion. Impression: small left", "--dtype",
+            "float32", "--max-new-tokens", "16", "--temperature", "0", "--json"]
+    plain, looked = medgem(*args), medgem(*args, "--draft", "lookup")
+    assert plain.returncode == 0 and looked.returncode == 0, looked.stderr
+    assert json.loads(looked.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
+    assert_clean_error(medgem("generate", "hi", "--draft", "lookup", "--draft-tokens", "0"), "k >= 1")

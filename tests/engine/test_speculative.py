@@ -1,5 +1,6 @@
-"""Speculative decoding: greedy text equals plain greedy text whatever the draft; the acceptance rule
-keeps the target's sampling distribution; seeded sampling with a draft is reproducible."""
+"""Speculative decoding: greedy text equals plain greedy text whatever the drafter (a draft model or
+prompt lookup); the acceptance rule keeps the target's sampling distribution; seeded sampling with a
+draft is reproducible."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from medgem.engine.sampling import SamplingParams
 from medgem.engine.scheduler import Engine, Request, Scheduler
-from medgem.engine.speculative import Drafter, accept, distribution
+from medgem.engine.speculative import Drafter, PromptLookup, accept, distribution
 from medgem.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -80,6 +81,57 @@ def test_acceptance_rule_keeps_the_target_distribution():
     assert (second / second.sum() - distribution(target[1], params, seen)).abs().max() < 0.03
 
 
+def test_prompt_lookup_copies_what_followed_the_longest_recent_match():
+    look = PromptLookup(k=3, max_ngram=2)
+
+    def propose(slot, tokens):
+        return look.propose([(slot, tokens, SamplingParams(), torch.tensor(tokens), None)])[0][0]
+
+    assert propose(0, [5, 6, 7, 8, 9, 6, 7]) == [8, 9, 6]  # "6 7" occurred before: what followed it
+    assert propose(0, [5, 6, 7, 8, 9, 6, 7, 1, 9]) == [6, 7, 1]  # indexed incrementally; "9" last seen at 4
+    assert propose(0, [5, 6, 7, 8, 9, 6, 7, 1, 9, 4]) == []  # 4 never occurred before
+    assert propose(0, [5, 6, 7, 8, 9, 6, 7, 1, 9, 4, 6, 7]) == [1, 9, 4]  # the latest "6 7" wins
+    assert propose(1, [3, 3]) == [3]  # the continuation may be the sequence's own last token
+    look.free(0)
+    assert propose(0, [1, 2, 1]) == [2, 1]  # a freed slot's new sequence starts a new index
+    assert look.proposed == 12
+    with pytest.raises(ConfigError, match="k >= 1"):
+        PromptLookup(k=0)
+
+
+def test_prompt_lookup_keeps_greedy_text(tiny_target, make_prompts):
+    """Prompts x + (the target's greedy continuation of x) + x, so lookup drafts and the target often
+    agrees; one prompt with nothing to copy; a repetition penalty that makes drafts wrong. Requests join
+    and leave, rows with drafts of different lengths share steps. The text is always plain greedy's."""
+    xs = make_prompts([12, 30, 9], seed=21)
+    echo = [x + tiny_target.run([x], [SamplingParams(max_new_tokens=20)])[0].token_ids + x for x in xs]
+    prompts = [echo[0], echo[1], make_prompts([15], seed=22)[0], echo[2]]
+    params = [SamplingParams(max_new_tokens=n, repetition_penalty=r)
+              for n, r in ((20, 1.0), (31, 1.3), (12, 1.0), (25, 1.0))]
+    look = PromptLookup(k=4)
+    scheduler = Scheduler(tiny_target, max_slots=2, max_len=200, prefill_chunk=16, prefix_block=4, draft=look)
+    completions = run_all(scheduler, [Request(p, sp) for p, sp in zip(prompts, params)])
+    for prompt, sp, got in zip(prompts, params, completions):
+        assert got.token_ids == tiny_target.run([prompt], [sp])[0].token_ids
+    assert 0 < look.accepted < look.proposed
+    assert look._index == {}  # every finished request freed its slot's index
+
+
+def test_a_certain_draft_keeps_the_target_distribution():
+    """Prompt lookup's drafts are certain (q one-hot): the emitted token must still follow p."""
+    g = torch.Generator().manual_seed(1)
+    params = SamplingParams(temperature=1.0)
+    target = torch.randn(2, 5, generator=g)
+    seen = torch.tensor([], dtype=torch.long)
+    look = PromptLookup(k=1)
+    drafts, probs = look.propose([(0, [3, 1, 3], params, seen, g)])
+    assert drafts == [[1]] and probs[0][0].tolist() == [0.0, 1.0]
+    counts = torch.zeros(5)
+    for _ in range(20_000):
+        counts[accept(target, drafts[0], probs[0], params, seen, g)[0]] += 1
+    assert (counts / counts.sum() - distribution(target[0], params, seen)).abs().max() < 0.015
+
+
 def test_speculative_sampling_is_seeded(tiny_target, make_text_generator, make_prompts):
     draft = make_text_generator(5, num_hidden_layers=2).model
     (prompt,) = make_prompts([12], seed=12)
@@ -140,3 +192,23 @@ def test_pipeline_with_a_draft_keeps_greedy_text(real_pipe):
     other.tokenizer.__dict__.update(real_pipe.tokenizer.__dict__, encode=lambda text, add_bos=True: [2, 5])
     with pytest.raises(InputError, match="does not share this model's tokenizer"):
         target.use_draft(other)
+
+
+@pytest.mark.slow
+def test_pipeline_with_prompt_lookup_keeps_greedy_text(real_pipe):
+    """`use_prompt_lookup` (--draft lookup) on the real 270M: a summary-style prompt that the answer quotes,
+    so drafts are accepted; the text is the plain greedy text."""
+    from medgem.pipeline import Pipeline
+
+    target = Pipeline(real_pipe.model, real_pipe.tokenizer, real_pipe.config, "target")
+    prompt = ("Note: chest radiograph shows consolidation of the right lower lobe with a small effusion. "
+              "Impression: consolidation of the")
+    plain = target.complete([prompt], raw=True, max_new_tokens=32, temperature=0)[0]
+    target.use_prompt_lookup(k=6)
+    try:
+        looked = target.complete([prompt], raw=True, max_new_tokens=32, temperature=0)[0]
+        assert looked.token_ids == plain.token_ids
+        stats = target._speculative.metrics()
+        assert 0 < stats["draft_tokens_accepted"] <= stats["draft_tokens_proposed"]
+    finally:
+        target.close()

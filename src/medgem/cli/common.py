@@ -24,23 +24,25 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "is given, none elsewhere)")
     parser.add_argument("--compile", action="store_true",
                         help="run the decoder through torch.compile: faster decoding after 30-80 s of compiling")
-    parser.add_argument("--draft", default=None, metavar="MODEL",
+    parser.add_argument("--draft", default=None, metavar="MODEL|lookup",
                         help="speculative decoding: a small model with the same tokenizer proposes tokens that "
-                        "--model checks (e.g. the embedded 270M, 'embedded', for a bigger Gemma 3 / MedGemma); "
-                        "same output, faster when its guesses are often right")
-    parser.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per step")
+                        "--model checks (e.g. the embedded 270M, 'embedded', for a bigger Gemma 3 / MedGemma), "
+                        "or 'lookup': tokens copied from earlier in the text (no second model; pays for "
+                        "summaries and extraction); same output, faster when the guesses are often right")
+    parser.add_argument("--draft-tokens", type=int, default=None,
+                        help="most tokens proposed per step (default 4 for a draft model, 8 for lookup)")
 
 
 def load_from_args(args: argparse.Namespace):
     """The pipeline named by the model flags."""
     import medgem
+    from medgem.pipeline import add_draft
 
     pipe = medgem.load(args.model, mmproj=args.mmproj, dtype=args.dtype, device=args.device, quant=args.quant)
     if getattr(args, "compile", False):
         pipe.compile()
     if getattr(args, "draft", None):
-        source = None if args.draft == "embedded" else args.draft
-        pipe.use_draft(medgem.load(source, dtype=args.dtype, device=args.device, quant=args.quant), args.draft_tokens)
+        add_draft(pipe, args.draft, args.draft_tokens, dtype=args.dtype, device=args.device, quant=args.quant)
     return pipe
 
 

@@ -169,7 +169,7 @@ class Scheduler:
         slack = max(prefill_chunk, image_tokens, spec)  # most tokens one step feeds to one slot
         self.target = SlotModel(self.model, generator.text_config, max_slots, self.max_len + spec, slack)
         budget = prefix_cache_mb * 2**20
-        window = min([generator.text_config.sliding_window] + ([draft.config.sliding_window] if draft else []))
+        window = min([generator.text_config.sliding_window] + ([draft.config.sliding_window] if draft and draft.config else []))
         prefix_block = min(PREFIX_BLOCK, window) if prefix_block is None else prefix_block
         if budget > 0 and not 1 <= prefix_block <= window:  # a block is saved while its tokens are in the ring
             raise InputError(f"prefix_block must be between 1 and the sliding window ({window} tokens)")
@@ -266,7 +266,7 @@ class Scheduler:
                 self.counters["requests_failed"] += 1
                 self.target.cache.free(slot)
                 if self.draft:
-                    self.draft.lane.cache.free(slot)
+                    self.draft.free(slot)
                 events.append(Event(request.request_id, "", [], True, error=error))
         decoding = sorted((r for r in self._rows.values() if r.decoding), key=lambda r: r.slot)
         if decoding:
@@ -307,7 +307,7 @@ class Scheduler:
             while usable and _splits_image(groups, usable * block):
                 usable -= 1
             hit = self.prefix.match(row.keys[:usable])
-            if self.draft:
+            if self.draft and self.draft.prefix:
                 hit = min(hit, self.draft.prefix.match(row.keys[:hit]))
                 self.draft.prefix.load(self.draft.lane.cache, slot, row.keys[:hit])
             row.cursor = self.prefix.load(self.target.cache, slot, row.keys[:hit])
@@ -379,17 +379,18 @@ class Scheduler:
             self._emit(r, [sample_next(row_logits, r.seq.params, r.seq.seen, r.seq.generator)], events)
 
     def _speculate(self, rows: list[_Row], events: list[Event]) -> None:
-        """Draft k tokens per row, verify all rows' [newest, drafts] in one target forward, keep the accepted."""
+        """Draft up to k tokens per row, verify all rows' [newest, drafts] in one target forward (shorter
+        drafts right-padded), keep the accepted."""
         draft = self.draft
         drafts, probs = draft.propose([(r.slot, r.request.prompt + r.seq.ids, r.seq.params, r.seq.seen,
                                         r.seq.generator) for r in rows])
-        hi = rows[-1].slot + 1
-        ids = torch.full((hi, draft.k + 1), self.generator.pad_id, dtype=torch.long)
-        positions = torch.full((hi, draft.k + 1), -1, dtype=torch.long)
+        hi, width = rows[-1].slot + 1, 1 + max(map(len, drafts))
+        ids = torch.full((hi, width), self.generator.pad_id, dtype=torch.long)
+        positions = torch.full((hi, width), -1, dtype=torch.long)
         lengths = {r.slot: self.target.cache.lengths[r.slot] for r in rows}
         for r, d in zip(rows, drafts):
-            ids[r.slot] = torch.tensor([r.seq.ids[-1], *d])
-            positions[r.slot] = torch.arange(lengths[r.slot], lengths[r.slot] + draft.k + 1)
+            ids[r.slot, :1 + len(d)] = torch.tensor([r.seq.ids[-1], *d])
+            positions[r.slot, :1 + len(d)] = torch.arange(lengths[r.slot], lengths[r.slot] + 1 + len(d))
         hidden = self.target.hidden(slice(0, hi), positions, ids=ids)
         logits = self.target.logits(hidden[[r.slot for r in rows]])
         for r, row_logits, d, q in zip(rows, logits, drafts, probs):
@@ -431,7 +432,7 @@ class Scheduler:
         del self._rows[slot]
         self.target.cache.free(slot)
         if self.draft:
-            self.draft.lane.cache.free(slot)
+            self.draft.free(slot)
 
 
 class RequestStream:

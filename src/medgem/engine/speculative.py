@@ -1,9 +1,15 @@
-"""Speculative decoding: a small draft model proposes k tokens, and the target checks them in one forward.
+"""Speculative decoding: a drafter proposes up to k tokens, and the target checks them in one forward.
 
-Decoding reads every target weight once per token. When a cheap draft model of the same tokenizer
-guesses the next k tokens, one target forward over k + 1 tokens checks them all, and each accepted
-guess saves a whole target step. The scheduler (engine/scheduler.py) calls the `Drafter` for its
-decoding rows, verifies with the target, and calls `accept` per row.
+Decoding reads every target weight once per token. When something cheap guesses the next k tokens,
+one target forward over k + 1 tokens checks them all, and each accepted guess saves a whole target
+step. Two drafters:
+- `Drafter`: a small draft model of the same tokenizer (the embedded 270M for a bigger MedGemma).
+- `PromptLookup`: no model; it copies what followed the latest earlier occurrence of the sequence's
+  last few tokens (prompt lookup decoding, as in vLLM's n-gram speculator and llama.cpp's lookup).
+  Summaries, reports and extractions repeat their source's wording, so it guesses well there, and it
+  speeds up the model itself, with no second model in memory.
+The scheduler (engine/scheduler.py) calls the drafter for its decoding rows, verifies with the target,
+and calls `accept` per row.
 
 The target's distribution is preserved exactly:
 - greedy: at each position the target's own choice (`sample_next` on its logits) decides. Drafts are
@@ -154,3 +160,68 @@ class Drafter:
         """Keep the draft's cache within the `committed` tokens the target kept."""
         self.accepted += accepted
         self.lane.cache.truncate(slot, min(self.length(slot), committed))
+
+    def free(self, slot: int) -> None:
+        self.lane.cache.free(slot)
+
+
+class PromptLookup:
+    """Drafts by copying from the sequence itself (prompt + generated so far).
+
+    The sequence's last n tokens (n = max_ngram down to 1) are looked up among its earlier tokens; the
+    k tokens that followed their latest earlier occurrence are the draft. A row with no match drafts
+    nothing and decodes one token. Each slot keeps an index from every n-gram to where it last
+    continued, extended by the tokens committed since the last step, so a step costs O(new tokens).
+    Drafts are certain (q is one-hot), so `accept` keeps one with the target's probability of it.
+    """
+
+    config = None  # no model: no window, no cache to bind
+    prefix = None
+
+    def __init__(self, k: int = 4, max_ngram: int = 3):
+        if k < 1 or max_ngram < 1:
+            raise ConfigError(f"prompt lookup needs k >= 1 and max_ngram >= 1, not k={k}, max_ngram={max_ngram}")
+        self.k, self.max_ngram = k, max_ngram
+        self._index: dict[int, tuple[int, dict[tuple[int, ...], int]]] = {}  # slot -> (tokens indexed, index)
+        self.proposed = self.accepted = 0
+
+    def bind(self, slots: int, capacity: int, slack: int, prefix: PrefixCache | None) -> None:
+        self._index.clear()
+
+    def prefill(self, slot: int, prompt: list[int], end: int) -> None:
+        """Nothing to run: the prompt is indexed at the first proposal."""
+
+    def _lookup(self, slot: int, tokens: list[int]) -> list[int]:
+        done, index = self._index.get(slot, (0, {}))
+        # Index the n-grams ending before the last token: the last one's continuation is what we guess.
+        for end in range(max(done, 1), len(tokens)):
+            for n in range(1, min(self.max_ngram, end) + 1):
+                index[tuple(tokens[end - n:end])] = end
+        self._index[slot] = (max(done, len(tokens)), index)
+        for n in range(min(self.max_ngram, len(tokens) - 1), 0, -1):
+            start = index.get(tuple(tokens[-n:]))
+            if start is not None:
+                return tokens[start:start + self.k]
+        return []
+
+    def propose(self, rows: list[tuple[int, list[int], SamplingParams, torch.Tensor, torch.Generator | None]]
+                ) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+        """Up to k draft tokens per row and their one-hot distributions (empty for greedy rows)."""
+        drafts = [self._lookup(slot, tokens) for slot, tokens, *_ in rows]
+        probs = [[] if params.greedy else [_one_hot(t) for t in d]
+                 for d, (_, _, params, seen, _) in zip(drafts, rows)]
+        self.proposed += sum(map(len, drafts))
+        return drafts, probs
+
+    def rollback(self, slot: int, committed: int, accepted: int) -> None:
+        self.accepted += accepted
+
+    def free(self, slot: int) -> None:
+        self._index.pop(slot, None)
+
+
+def _one_hot(token: int) -> torch.Tensor:
+    """A certain draft's distribution, as a prefix of the vocabulary (`accept` pads it)."""
+    q = torch.zeros(token + 1)
+    q[token] = 1.0
+    return q

@@ -27,7 +27,6 @@ from medgem.engine.scheduler import (
     RequestStream,
     Scheduler,
 )
-from medgem.engine.speculative import Drafter
 from medgem.pipeline import Pipeline
 from medgem.serve.errors import APIError
 from medgem.serve.reasoning import thought_keeping_decode
@@ -44,7 +43,7 @@ class Backend:
                                   tuple(pipe.tokenizer.stop_ids), pipe.tokenizer.pad_id)
         limits = settings.limits
         self.max_slots = settings.max_batch
-        draft = Drafter(*pipe.draft) if pipe.draft else None  # --draft: speculative decoding
+        draft = pipe.draft() if pipe.draft else None  # --draft: speculative decoding
         self.engine = Engine(Scheduler(generator, max_slots=settings.max_batch, max_queue=settings.max_queue,
                                        max_len=limits.max_prompt_tokens + limits.max_tokens, draft=draft))
 

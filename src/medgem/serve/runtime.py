@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from medgem.pipeline import Pipeline
+from medgem.pipeline import Pipeline, add_draft
 from medgem.serve.backend import Backend
 from medgem.serve.errors import APIError
 from medgem.serve.metrics import Metrics
@@ -47,9 +47,8 @@ def load_models(settings: ServeSettings) -> tuple[Pipeline, SiglipEncoder | None
     if settings.compile:
         pipe.compile()
     if settings.draft:
-        draft = medgem.load(None if settings.draft == "embedded" else settings.draft, dtype=settings.dtype,
-                            device=settings.device, quant=settings.quant)
-        pipe.use_draft(draft, settings.draft_tokens)
+        add_draft(pipe, settings.draft, settings.draft_tokens, dtype=settings.dtype, device=settings.device,
+                  quant=settings.quant)
     if settings.embedding_model is None:
         return pipe, None
     return pipe, medgem.load_siglip(settings.embedding_model, dtype=settings.dtype, device=settings.device)

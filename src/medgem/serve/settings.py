@@ -47,8 +47,8 @@ class ServeSettings:
     dtype: str | None = None
     device: str = "cpu"
     quant: str | None = None  # None: medgem.load's default (int8 on CPU unless a dtype is given)
-    draft: str | None = None  # speculative decoding: a draft model path, or "embedded" for the 270M
-    draft_tokens: int = 4
+    draft: str | None = None  # speculative decoding: a draft model path, "embedded" (the 270M) or "lookup"
+    draft_tokens: int | None = None  # None: DRAFT_TOKENS in pipeline.py
     compile: bool = False  # torch.compile the model: faster decoding after a long first request
     model_name: str | None = None  # the id clients send as `model`; default derived from the source
     embedding_model: str | None = None  # a MedSigLIP folder for /v1/embeddings (its folder name is its id)
