@@ -95,6 +95,12 @@ def test_prompt_lookup_copies_what_followed_the_longest_recent_match():
     look.free(0)
     assert propose(0, [1, 2, 1]) == [2, 1]  # a freed slot's new sequence starts a new index
     assert look.proposed == 12
+    look.rollback(0, 4, accepted=0)  # slow start: after a miss one token, then 2 * hits + 1, at most k
+    assert propose(0, [1, 2, 1, 3, 1, 2, 1, 3, 1]) == [2]
+    look.rollback(0, 10, accepted=1)
+    assert propose(0, [1, 2, 1, 3, 1, 2, 1, 3, 1, 2]) == [1, 3, 1]
+    look.rollback(0, 14, accepted=3)
+    assert propose(0, [1, 2, 1, 3, 1, 2, 1, 3, 1, 2, 1, 3, 1, 2]) == [1, 3, 1]  # 7 allowed, k = 3
     with pytest.raises(ConfigError, match="k >= 1"):
         PromptLookup(k=0)
 
@@ -114,7 +120,7 @@ def test_prompt_lookup_keeps_greedy_text(tiny_target, make_prompts):
     for prompt, sp, got in zip(prompts, params, completions):
         assert got.token_ids == tiny_target.run([prompt], [sp])[0].token_ids
     assert 0 < look.accepted < look.proposed
-    assert look._index == {}  # every finished request freed its slot's index
+    assert look._slots == {}  # every finished request freed its slot's state
 
 
 def test_a_certain_draft_keeps_the_target_distribution():
