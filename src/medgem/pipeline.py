@@ -71,7 +71,7 @@ class Pipeline:
         self.engine = Generator(model, text_config, lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
                                 tokenizer.stop_ids, tokenizer.pad_id)
         self.draft: Callable[[], Drafter | PromptLookup] | None = None  # makes the drafter: use_draft/use_prompt_lookup
-        self._speculative: Any = None  # the scheduler Engine that runs text prompts with the draft
+        self._speculative: Any = None  # the Scheduler that runs text prompts with the drafter
 
     def compile(self) -> None:
         """Generate through `torch.compile` (engine/compiled.py), for `generate`, `stream`, `complete` and
@@ -98,26 +98,26 @@ class Pipeline:
         self.close()
         self.draft = lambda: Drafter(draft.model, k)
 
-    def use_prompt_lookup(self, k: int = 8, max_ngram: int = 3) -> None:
+    def use_prompt_lookup(self, k: int = 8, max_ngram: int = 3, slow_start: bool = True) -> None:
         """Speculative decoding with no draft model: up to `k` tokens copied from where the text's last
         1..`max_ngram` tokens occurred before (engine/speculative.py `PromptLookup`). It pays where the
         answer repeats its prompt (summaries, extraction, report drafting). Output as with `use_draft`."""
-        PromptLookup(k, max_ngram)  # validates now, not at the first request
+        PromptLookup(k, max_ngram, slow_start)  # validates now, not at the first request
         self.close()
-        self.draft = lambda: PromptLookup(k, max_ngram)
+        self.draft = lambda: PromptLookup(k, max_ngram, slow_start)
 
     def close(self) -> None:
-        """Stop the speculative engine's model thread, if `use_draft`/`use_prompt_lookup` started one."""
-        if self._speculative is not None:
-            self._speculative.close()
-            self._speculative = None
+        """Free the speculative scheduler's KV cache, if `use_draft`/`use_prompt_lookup` made one."""
+        self._speculative = None
 
-    def _draft_engine(self):
+    def _draft_scheduler(self):
+        """The continuous-batching scheduler with the drafter, driven in the caller's thread
+        (Scheduler.drive says why there is no model thread)."""
         if self._speculative is None:
-            from medgem.engine.scheduler import Engine, Scheduler
+            from medgem.engine.scheduler import Scheduler
 
             max_len = min(self.config.max_position_embeddings, SPECULATIVE_MAX_LEN)
-            self._speculative = Engine(Scheduler(self.engine, max_slots=4, max_len=max_len, draft=self.draft()))
+            self._speculative = Scheduler(self.engine, max_slots=4, max_len=max_len, draft=self.draft())
         return self._speculative
 
     @property
@@ -179,9 +179,9 @@ class Pipeline:
         if self.draft is not None and extra is None:
             from medgem.engine.scheduler import Request
 
-            engine = self._draft_engine()
-            streams = [engine.stream(Request(p, params)) for p in ids]  # queued together, batched by the engine
-            return [next(e.completion for e in stream if e.done) for stream in streams]
+            requests = [Request(p, params) for p in ids]  # queued together, batched by the scheduler
+            done = {e.request_id: e.completion for e in self._draft_scheduler().drive(requests) if e.done}
+            return [done[r.request_id] for r in requests]
         return self.engine.run(ids, [params] * len(ids), extra)
 
     def generate(self, prompt: Prompt, **kwargs: Any) -> str:
@@ -207,7 +207,7 @@ class Pipeline:
         if self.draft is not None and extra is None:
             from medgem.engine.scheduler import Request
 
-            return self._draft_engine().stream(Request(ids, params))
+            return self._draft_scheduler().drive([Request(ids, params)])
         return self.engine.stream([ids], [params], extra)
 
     # -- scoring --------------------------------------------------------------------------------------

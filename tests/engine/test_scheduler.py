@@ -110,6 +110,27 @@ def test_cancellation_frees_the_slot(tiny_target, make_prompts):
     assert metrics["requests_cancelled"] == 2 and metrics["free_slots"] == 1 and metrics["queue_depth"] == 0
 
 
+def test_drive_runs_in_the_calling_thread_and_closing_it_cancels(tiny_target, make_prompts):
+    """`Scheduler.drive` (what Pipeline uses): no model thread; each request gets its solo greedy text;
+    leaving the loop early frees every slot at once."""
+    import threading
+
+    prompts = make_prompts([9, 31, 14], seed=5)
+    params = SamplingParams(max_new_tokens=12)
+    scheduler = Scheduler(tiny_target, max_slots=2, max_len=128, prefill_chunk=16)
+    threads = threading.active_count()
+    requests = [Request(p, params) for p in prompts]
+    done = {e.request_id: e.completion for e in scheduler.drive(requests) if e.done}
+    assert threading.active_count() == threads
+    for prompt, request in zip(prompts, requests):
+        assert done[request.request_id].token_ids == tiny_target.run([prompt], [params])[0].token_ids
+    events = scheduler.drive([Request(p, SamplingParams(max_new_tokens=50)) for p in prompts])
+    next(event for event in events if event.token_ids)
+    events.close()
+    metrics = scheduler.metrics()
+    assert not scheduler.busy and metrics["free_slots"] == 2 and metrics["requests_cancelled"] == 3
+
+
 def test_limits_and_bad_requests(tiny_target, tiny_multimodal, make_prompts):
     scheduler = Scheduler(tiny_target, max_slots=1, max_len=64, max_queue=1, prefix_cache_mb=0)
     (prompt,) = make_prompts([10])

@@ -277,6 +277,39 @@ class Scheduler:
         self.counters["steps"] += 1
         return events
 
+    def drive(self, requests: list[Request]) -> Iterator[Event]:
+        """Run requests to their end in the calling thread, yielding their events (Pipeline's way in).
+
+        No model thread: libgomp gives each thread that computes its own OpenMP team, and once a process
+        holds more team threads than cores, idle threads stop spinning between parallel regions almost
+        at once. A model thread beside a caller that computed too (loading the model, say) then decodes
+        about 10 % slower, and so does the caller afterwards (BENCHMARKS.md, prompt lookup). Closing the
+        iterator early cancels what is still running and frees its slots.
+        """
+        pending: set[str] = set()
+        try:
+            for request in requests:
+                pending.add(self.add(request))
+            while pending:
+                try:
+                    events = self.step()
+                except Exception as exc:  # a broken step: end every request, never leave slots taken
+                    self.abort(EngineError(f"generation failed ({type(exc).__name__})"))
+                    raise
+                for event in events:
+                    if event.request_id not in pending:
+                        continue
+                    if event.done:
+                        pending.discard(event.request_id)
+                    if event.error is not None:
+                        raise event.error
+                    yield event
+        finally:
+            for request_id in pending:
+                self.cancel(request_id)
+            while self.busy:  # process the cancellations now, not at someone else's next request
+                self.step()
+
     def abort(self, error: MedgemError) -> list[Event]:
         """Fail every request (the model loop broke or shuts down) and free every slot."""
         with self._lock:

@@ -188,19 +188,18 @@ class PromptLookup:
     A verification of w tokens costs more than one of 1 (about 1.6x at w = 9 on the int8 270M, eager),
     and copies are often wrong until the text settles into quoting. So a slot drafts at most
     2 * (drafts accepted last step) + 1 tokens, up to k, like TCP's slow start: after a miss it risks one
-    token, after a run of hits all k. Measured against always k = 8 (int8 270M, 2 threads, 128 tokens):
-    118 -> 158 tok/s on the decode benchmark's prompt, 119 -> 126 on free text, 326 -> 301 on a report
-    rewritten for a patient. Drafts are certain (q is one-hot): `accept` keeps one with the target's
-    probability of it.
+    token, after a run of hits all k (benchmarks/lookup.py compares it with `slow_start=False`, always
+    k, as llama.cpp and vLLM draft). Drafts are certain (q is one-hot): `accept` keeps one with the
+    target's probability of it.
     """
 
     config = None  # no model: no window, no cache to bind
     prefix = None
 
-    def __init__(self, k: int = 8, max_ngram: int = 3):
+    def __init__(self, k: int = 8, max_ngram: int = 3, slow_start: bool = True):
         if k < 1 or max_ngram < 1:
             raise ConfigError(f"prompt lookup needs k >= 1 and max_ngram >= 1, not k={k}, max_ngram={max_ngram}")
-        self.k, self.max_ngram = k, max_ngram
+        self.k, self.max_ngram, self.slow_start = k, max_ngram, slow_start
         self._slots: dict[int, _Lookup] = {}
         self.proposed = self.accepted = 0
 
@@ -237,7 +236,7 @@ class PromptLookup:
     def rollback(self, slot: int, committed: int, accepted: int) -> None:
         self.accepted += accepted
         state = self._slots.get(slot)
-        if state is not None and state.drafted:
+        if self.slow_start and state is not None and state.drafted:
             state.budget = min(self.k, 2 * accepted + 1)
 
     def free(self, slot: int) -> None:
