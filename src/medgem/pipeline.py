@@ -111,8 +111,8 @@ class Pipeline:
         self._speculative = None
 
     def _draft_scheduler(self):
-        """The continuous-batching scheduler with the drafter, driven in the caller's thread
-        (Scheduler.drive says why there is no model thread)."""
+        """The continuous-batching scheduler with the drafter, driven in the caller's thread (Scheduler.drive
+        says why there is no model thread); like the generator, it serves one caller at a time."""
         if self._speculative is None:
             from medgem.engine.scheduler import Scheduler
 
@@ -202,8 +202,8 @@ class Pipeline:
                 self.last_completion = event.completion
 
     def events(self, ids: list[int], params: SamplingParams, extra: dict | None = None) -> Iterator[StreamEvent]:
-        """Generation events for one prompt of token ids: through the speculative engine when `use_draft`
-        or `use_prompt_lookup` set one (text prompts), else the generator. `medgem bench` times these."""
+        """Generation events for one prompt of token ids: through the speculative scheduler when `use_draft`
+        or `use_prompt_lookup` set a drafter (text prompts), else the generator. `medgem bench` times these."""
         if self.draft is not None and extra is None:
             from medgem.engine.scheduler import Request
 
