@@ -280,11 +280,12 @@ class Scheduler:
     def drive(self, requests: list[Request]) -> Iterator[Event]:
         """Run requests to their end in the calling thread, yielding their events (Pipeline's way in).
 
-        No model thread: libgomp gives each thread that computes its own OpenMP team, and once a process
-        holds more team threads than cores, idle threads stop spinning between parallel regions almost
-        at once. A model thread beside a caller that computed too (loading the model, say) then decodes
-        about 10 % slower, and so does the caller afterwards (BENCHMARKS.md, prompt lookup). Closing the
-        iterator early cancels what is still running and frees its slots.
+        No model thread, for two measured reasons (BENCHMARKS.md, prompt lookup): a model thread whose
+        events another thread consumes decodes about 10 % slower on 2 cores (the consumer wakes every
+        token and takes a core from the OpenMP team); and once two threads have computed, libgomp holds
+        more team threads than cores and spins only briefly between parallel regions, which slows the
+        caller's own later decoding too. Closing the iterator early cancels what is still running and
+        frees its slots.
         """
         pending: set[str] = set()
         try:
