@@ -280,12 +280,12 @@ class Scheduler:
     def drive(self, requests: list[Request]) -> Iterator[Event]:
         """Run requests to their end in the calling thread, yielding their events (Pipeline's way in).
 
-        No model thread, for two measured reasons (BENCHMARKS.md, prompt lookup): a model thread whose
-        events another thread consumes decodes about 10 % slower on 2 cores (the consumer wakes every
-        token and takes a core from the OpenMP team); and once two threads have computed, libgomp holds
-        more team threads than cores and spins only briefly between parallel regions, which slows the
-        caller's own later decoding too. Closing the iterator early cancels what is still running and
-        frees its slots.
+        No model thread (BENCHMARKS.md, prompt lookup): on 2 cores, decoding in a second thread ran 7-12 %
+        slower than in the thread that had already computed (loaded the model, allocated the cache), and
+        that thread slowed by as much while the second one existed. libgomp gives each computing thread
+        its own OpenMP team and, with more team threads than cores, spins only briefly between parallel
+        regions; `GOMP_SPINCOUNT=1000` alone reproduces the slowdown. Closing the iterator early cancels
+        what is still running and frees its slots.
         """
         pending: set[str] = set()
         try:
