@@ -1,10 +1,11 @@
 """/v1/embeddings with a MedSigLIP encoder (random tiny weights saved by medgem, a SentencePiece model
 trained here): texts through the `openai` client (its default base64 encoding), texts and a DICOM
-image in one request, all equal to the encoder called directly."""
+image in one request, all equal to the encoder called directly, and a bad image as a 400."""
 
 from __future__ import annotations
 
 import random
+import threading
 
 import httpx
 import numpy as np
@@ -72,3 +73,23 @@ def test_texts_and_a_dicom_in_one_request(url, encoder, data_url, chest_dicom):
     bad = httpx.post(f"{url}/v1/embeddings", json={"model": "medsiglip-tiny", "input": [
         {"type": "image_url", "image_url": {"url": "data:application/dicom;base64,AAAA"}}]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "input[0]"
+
+
+def test_the_encoder_runs_in_threads_that_end(url, encoder, monkeypatch):
+    """routes.run_in_own_thread: a pool thread that ran the encoder would keep an OpenMP team and slow
+    the generation engine for the rest of the server's life (BENCHMARKS.md, prompt lookup)."""
+    ran_in: list[threading.Thread] = []
+    embed_texts = encoder.embed_texts
+
+    def recording(texts):
+        ran_in.append(threading.current_thread())
+        return embed_texts(texts)
+
+    monkeypatch.setattr(encoder, "embed_texts", recording)
+    for _ in range(2):
+        reply = httpx.post(f"{url}/v1/embeddings", json={"model": "medsiglip-tiny", "input": TEXTS}, timeout=60)
+        assert reply.status_code == 200
+    assert len(ran_in) == 2 and ran_in[0] is not ran_in[1]
+    for thread in ran_in:
+        thread.join(timeout=10)
+        assert not thread.is_alive()

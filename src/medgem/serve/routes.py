@@ -16,10 +16,11 @@ import hmac
 import io
 import json
 import logging
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
@@ -36,11 +37,39 @@ from medgem.serve.reasoning import ThoughtSplitter, with_instruction
 from medgem.serve.runtime import Runtime
 from medgem.serve.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, ImagePart, SamplingFields
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 router = APIRouter()
 
 Prompts = list[tuple[list[int], Any]]
 KEEPALIVE_SECONDS = 10.0  # an SSE comment this often while a stream waits, so proxies and clients keep it open
+
+
+async def run_in_own_thread(fn: Callable[[], T]) -> T:
+    """Run blocking model work (the embedding encoder) in a thread that ends with it.
+
+    A persistent pool thread that once ran a multi-threaded torch op keeps its OpenMP team, and with
+    more team threads than cores libgomp spins only briefly between parallel regions: the generation
+    engine then decoded 12 % slower for the rest of the server's life (59-60 against 62-69 tok/s on 2
+    cores, BENCHMARKS.md). A thread that ends takes its team with it.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(outcome: Callable[[Any], None], value: Any) -> None:
+        if not done.done():  # the request may have been cancelled meanwhile
+            outcome(value)
+
+    def target() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting request
+            loop.call_soon_threadsafe(settle, done.set_exception, exc)
+        else:
+            loop.call_soon_threadsafe(settle, done.set_result, result)
+
+    threading.Thread(target=target, name="medgem-encode", daemon=True).start()
+    return await done
 
 
 def runtime(request: Request) -> Runtime:
@@ -346,7 +375,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
             vectors[images] = encoder.embed_images(pictures)
         return vectors, sum(len(encoder.tokenizer.encode(items[i])) for i in texts)
 
-    vectors, tokens = await run_in_threadpool(embed)
+    vectors, tokens = await run_in_own_thread(embed)
     as_base64 = body.encoding_format == "base64"  # little-endian float32, as OpenAI sends it
     data = [{"object": "embedding", "index": i,
              "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if as_base64 else v.tolist()}
