@@ -285,8 +285,11 @@ class Scheduler:
         that thread slowed by as much while the second one existed. libgomp gives each computing thread
         its own OpenMP team and, with more team threads than cores, spins only briefly between parallel
         regions; `GOMP_SPINCOUNT=1000` alone reproduces the slowdown. Closing the iterator early cancels
-        what is still running and frees its slots.
+        what is still running and frees its slots. The scheduler must be idle: the caller owns it until
+        the iterator ends (another caller's events would be dropped here).
         """
+        if self.busy:
+            raise EngineError("the scheduler is already running requests; drive() needs it to itself")
         pending: set[str] = set()
         try:
             for request in requests:
