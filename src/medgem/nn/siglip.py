@@ -25,6 +25,7 @@ from torch import nn
 
 from medgem.config import VisionConfig
 from medgem.errors import ConfigError, InputError
+from medgem.nn import Embedding
 from medgem.nn.vision import MLP, Encoder, SiglipVisionTower
 
 
@@ -123,8 +124,8 @@ class TextEmbeddings(nn.Module):
 
     def __init__(self, cfg: SiglipTextConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_embedding = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = Embedding(cfg.max_position_embeddings, cfg.hidden_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.token_embedding(input_ids) + self.position_embedding.weight[: input_ids.shape[1]]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medgem.config import SLIDING, TextConfig
+from medgem.nn import Embedding
 
 
 class KVCache(Protocol):
@@ -195,7 +196,7 @@ class DecoderLayer(nn.Module):
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
-class ScaledEmbedding(nn.Embedding):
+class ScaledEmbedding(Embedding):
     """Token embeddings times sqrt(hidden), the scale rounded to the weight dtype as Gemma does."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

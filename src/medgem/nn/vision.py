@@ -20,6 +20,7 @@ from torch import nn
 
 from medgem.config import VisionConfig
 from medgem.errors import InputError
+from medgem.nn import Embedding
 
 
 class VisionEmbeddings(nn.Module):
@@ -29,7 +30,7 @@ class VisionEmbeddings(nn.Module):
         super().__init__()
         self.image_size = cfg.image_size
         self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
-        self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size)
+        self.position_embedding = Embedding(cfg.num_patches, cfg.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] pixels -> [N, patches, hidden], patches in row-major grid order."""
