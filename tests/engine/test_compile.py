@@ -48,3 +48,18 @@ def test_two_compiled_models_keep_their_own_code(single_thread, make_prompts):
         compile_decoder(model)
     for g, w in [*zip(generators, want), *zip(generators, want)]:
         assert [c.token_ids for c in g.run(prompts, params)] == w
+
+
+def test_floats_compile_as_constants_without_a_restart(single_thread, make_prompts):
+    """Norm eps and attention scale are constants of the graph: left symbolic, dynamo traced every graph
+    twice (it restarts to turn them into tensors), which tripled compile time on the 270M."""
+    from torch._dynamo.utils import counters
+
+    model = random_text_model(5, num_hidden_layers=2, layer_types=[SLIDING, FULL])
+    generator = Generator(model, model.config, words, stop_ids=(1,))
+    compile_decoder(model)
+    counters.clear()
+    generator.run(make_prompts([6], seed=3), [SamplingParams(max_new_tokens=3)])
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    assert counters["aot_autograd"]["total"] == graphs  # each graph traced once

@@ -23,7 +23,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="weight-only quantization of the text decoder (default: int8 on CPU unless --dtype "
                         "is given, none elsewhere)")
     parser.add_argument("--compile", action="store_true",
-                        help="run the decoder through torch.compile: faster decoding after 30-80 s of compiling")
+                        help="run the decoder through torch.compile: faster decoding after 12-70 s of compiling")
     parser.add_argument("--draft", default=None, metavar="MODEL|lookup",
                         help="speculative decoding: a small model with the same tokenizer proposes tokens that "
                         "--model checks (e.g. the embedded 270M, 'embedded', for a bigger Gemma 3 / MedGemma), "
