@@ -242,3 +242,27 @@ def test_checkpoint_embedding_keeps_recent_rows_and_stays_exact(tmp_path, monkey
     assert reads == [[3, 7], [9], [1, 2, 5], [3], [7, 9]] and list(embed._recent) == [5, 3, 9, 7]
     with pytest.raises(IndexError, match="row 1000 is out of range"):
         embed(torch.tensor([[4, 1000]]))
+
+
+def effective_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """The [out, in] matrix a linear layer applies (its outputs for the unit vectors)."""
+    with torch.inference_mode():
+        return layer(torch.eye(layer.in_features, dtype=torch.bfloat16)).float().T
+
+
+def test_int4_keeps_the_files_own_4bit_codes(embedded_gguf):
+    """A Q4_K tensor of the real 270M becomes int4 with the codes, scales and mins the file stores: what
+    the layer applies is the file's weight up to the bf16 rounding of scales and outputs, well inside
+    what rounding the same weights onto a 4-bit grid of its own costs."""
+    cfg, tensors, _ = open_text_checkpoint(embedded_gguf)
+    rows = tensors["layers.3.self_attn.o_proj.weight"]
+    assert rows.int4_group == 32 and rows.stored_bits == 4.5  # Q4_K
+    stored = rows.read()
+    exact = (effective_weight(Int4Linear(rows, 32)) - stored).abs().mean()
+    rounded_again = (effective_weight(Int4Linear(stored, 32)) - stored).abs().mean()
+    assert exact < rounded_again / 3
+    assert (effective_weight(Int4Linear(rows, 64)) - stored).abs().mean() > exact  # 64-wide groups: rounded
+    assert tensors["layers.3.self_attn.q_proj.weight"].int4_group is None  # Q5_0: int8 in int4 mode
+    model = load_quantized_text_model(cfg, tensors, "int4", embedded_gguf.name)
+    layer = model.layers[3]
+    assert isinstance(layer.self_attn.o_proj, Int4Linear) and isinstance(layer.self_attn.q_proj, Int8Linear)

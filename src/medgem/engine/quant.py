@@ -129,6 +129,23 @@ class Int8HeadLinear(nn.Module):
 INT4_PACK_ROWS = 64  # _convert_weight_to_int4pack_for_cpu interleaves rows within blocks of 64 (BLOCK_N)
 
 
+def _int4_groups(weight: torch.Tensor | LazyRows, group_size: int):
+    """(start, stop, codes in 0..15, scale, low) a chunk of rows at a time; w ~= code * scale + low in each
+    group. A checkpoint that stores the tensor in 4-bit groups of this size gives its own codes (exact);
+    any other source is rounded per group between the group's min and max."""
+    if getattr(weight, "int4_group", None) == group_size:
+        for start in range(0, weight.shape[0], ROW_CHUNK):
+            stop = min(start + ROW_CHUNK, weight.shape[0])
+            yield start, stop, *weight.int4_rows(start, stop)
+        return
+    for start, stop, rows in _row_chunks(weight):
+        w = rows.reshape(stop - start, -1, group_size)
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+        scale = ((hi - lo) / 15.0).clamp(min=1e-8)
+        codes = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15)
+        yield start, stop, codes.reshape(stop - start, -1), scale, lo
+
+
 class Int4Linear(nn.Module):
     """Group-wise asymmetric int4 (groups along the input dimension), packed for the CPU kernel."""
 
@@ -139,13 +156,9 @@ class Int4Linear(nn.Module):
             raise InputError(f"int4 group size {group_size} does not divide in_features {in_f}")
         packed = torch.empty(out_f, in_f // 2, dtype=torch.uint8)  # the kernel's CPU layout: two per byte
         scales_zeros = torch.empty(out_f, in_f // group_size, 2, dtype=ACT_DTYPE)
-        for start, stop, rows in _row_chunks(weight):  # the packed layout is row by row: fill it in place
-            w = rows.reshape(stop - start, in_f // group_size, group_size)
-            lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-            scale = ((hi - lo) / 15.0).clamp(min=1e-8)
-            q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
-            packed[start:stop] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(stop - start, in_f), 1)
-            zero = lo + 8 * scale  # the kernel computes (q - 8) * scale + zero
+        for start, stop, codes, scale, low in _int4_groups(weight, group_size):  # the layout is row by row
+            packed[start:stop] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+            zero = low + 8 * scale  # the kernel computes (q - 8) * scale + zero
             scales_zeros[start:stop] = torch.stack([scale, zero], dim=-1)
         self.register_buffer("qweight", packed)
         self.register_buffer("scales_zeros", scales_zeros.transpose(0, 1).contiguous())
@@ -281,15 +294,17 @@ def _quantized(weight: torch.Tensor | LazyRows, mode: str, group_size: int) -> n
 
     A Q4_K_M GGUF stores the sensitive tensors (v, part of down, the embedding) at 6-8 bits and the
     rest at 4.5-5.5. Rounding those again to 4 bits costs far more than 4-bit quantization of a dense
-    checkpoint: on the 270M, perplexity +31 % with every tensor int4, +1.5 % with only the file's
-    4-bit tensors int4 (benchmarks/quant_quality.py). Dense float sources are all int4.
+    checkpoint: on the 270M, perplexity +17 % with its Q5_0 tensors int4 as well
+    (benchmarks/quant_quality.py). The file's own 4-bit tensors (Q4_0, Q4_1, Q4_K) go to int4 with
+    their codes as stored, at group size 32. Dense float sources are all int4.
     """
-    return Int8Linear(weight) if _int8(weight, mode) else Int4Linear(weight, group_size)
+    return Int8Linear(weight) if _int8(weight, mode, group_size) else Int4Linear(weight, group_size)
 
 
-def _int8(weight: torch.Tensor | LazyRows, mode: str) -> bool:
+def _int8(weight: torch.Tensor | LazyRows, mode: str, group_size: int) -> bool:
     bits = getattr(weight, "stored_bits", None)
-    return mode == "int8" or (bits is not None and bits >= INT4_MAX_STORED_BITS)
+    exact = getattr(weight, "int4_group", None) == group_size
+    return mode == "int8" or (bits is not None and bits >= INT4_MAX_STORED_BITS and not exact)
 
 
 def _check_mode(mode: str) -> None:
@@ -307,7 +322,8 @@ def _quantize_into(model: Gemma3Text, tensors: Mapping[str, torch.Tensor | LazyR
     embedding = tensors["embed_tokens.weight"]
     head_weight = embedding if model.config.tie_word_embeddings else tensors["lm_head.weight"]
     # The head first: packing it briefly holds two copies, better before the layers are in memory too.
-    model.lm_head = Int8HeadLinear(head_weight) if _int8(head_weight, mode) else Int4Linear(head_weight, group_size)
+    model.lm_head = (Int8HeadLinear(head_weight) if _int8(head_weight, mode, group_size)
+                     else Int4Linear(head_weight, group_size))
     scale = model.config.hidden_size**0.5
     lookup = isinstance(embedding, LazyRows)
     model.embed_tokens = CheckpointEmbedding(embedding, scale) if lookup else Int8Embedding(embedding, scale)

@@ -93,6 +93,42 @@ def dequantize(tensor) -> np.ndarray:
     return np.array(array, dtype=np.float32).reshape(shape)  # a copy: F32 tensors arrive as read-only file views
 
 
+INT4_GROUP = 32  # the weights per scale of every 4-bit GGUF type read exactly below
+
+
+def int4_codes(raw: np.ndarray, kind: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of a Q4_0, Q4_1 or Q4_K tensor as the file stores them: (codes [rows, n] in 0..15, scale and
+    low [rows, n / 32]), each weight exactly `code * scale + low` of its 32-weight group.
+
+    `raw` is [rows, bytes per row]. An int4 kernel with 32-wide groups then keeps the file's precision
+    instead of rounding its 4-bit weights a second time onto a grid of its own.
+    """
+    import gguf
+
+    rows = raw.shape[0]
+    block, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+    blocks = raw.reshape(-1, block_bytes)
+    if kind == gguf.GGMLQuantizationType.Q4_K:  # 256 weights: d, dmin, 6-bit scales and mins of 8 groups
+        d = blocks[:, 0:2].view(np.float16).astype(np.float32)
+        dmin = blocks[:, 2:4].view(np.float16).astype(np.float32)
+        sc, mins = gguf.quants.Q4_K.get_scale_min(blocks[:, 4:16])
+        scale, low = d * sc.astype(np.float32), -dmin * mins.astype(np.float32)
+        nibbles = blocks[:, 16:].reshape(-1, 4, 1, 32)  # 64 weights per 32 bytes: low nibbles, then high
+    elif kind in (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1):  # 32 weights each
+        scale = blocks[:, 0:2].view(np.float16).astype(np.float32)
+        if kind == gguf.GGMLQuantizationType.Q4_0:
+            low = -8 * scale
+        else:
+            low = blocks[:, 2:4].view(np.float16).astype(np.float32)
+        nibbles = blocks[:, -16:].reshape(-1, 1, 1, 16)  # weights 0..15 in low nibbles, 16..31 in high
+    else:
+        raise CheckpointError(f"GGUF type {kind.name} is not stored in 4-bit groups of {INT4_GROUP}")
+    codes = (nibbles >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & np.uint8(0x0F)
+    groups = raw.shape[1] // block_bytes * block // INT4_GROUP
+    return (torch.from_numpy(codes.reshape(rows, -1)), torch.from_numpy(scale.reshape(rows, groups)),
+            torch.from_numpy(low.reshape(rows, groups)))
+
+
 def text_tensors(index: GGUFIndex) -> dict[str, LazyRows]:
     """Every text tensor by our name, read on demand (norms shifted back to zero-centred)."""
     tensors: dict[str, LazyRows] = {}
@@ -118,6 +154,8 @@ class GGUFRows(LazyRows):
         block, block_bytes = gguf.GGML_QUANT_SIZES[entry.tensor_type]
         bits = 8 * block_bytes / block
         self.stored_bits = None if bits >= 16 else bits
+        four_bit = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q4_K)
+        self.int4_group = INT4_GROUP if entry.tensor_type in four_bit and len(self.shape) == 2 else None
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
         if len(self.shape) == 1:  # a vector is one row
@@ -133,6 +171,12 @@ class GGUFRows(LazyRows):
         raw = np.fromfile(self.entry.path, dtype=np.uint8, count=(stop - start) * self._row_bytes,
                           offset=self.entry.data_offset + start * self._row_bytes)
         return self._decode(raw.reshape(stop - start, self._row_bytes))
+
+    def int4_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows start..stop-1 as the file's 4-bit codes, scales and lows (see `int4_codes`)."""
+        raw = np.fromfile(self.entry.path, dtype=np.uint8, count=(stop - start) * self._row_bytes,
+                          offset=self.entry.data_offset + start * self._row_bytes)
+        return int4_codes(raw.reshape(stop - start, self._row_bytes), self.entry.tensor_type)
 
     def hold(self) -> None:
         if self._file is None:

@@ -15,6 +15,9 @@ class LazyRows:
     shape: tuple[int, ...]
     # Bits per weight as stored (a GGUF quant type's, blocks' scales included); None for dense floats.
     stored_bits: float | None = None
+    # Weights per group where the file stores 4-bit codes an int4 kernel can take as they are (GGUF Q4_0,
+    # Q4_1, Q4_K); such a reader has `int4_rows(start, stop) -> (codes, scale, low)`. None otherwise.
+    int4_group: int | None = None
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
         raise NotImplementedError
