@@ -38,7 +38,8 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 PROFILE = os.environ.get("MEDGEM_BENCH_PROFILE") == "1"
 THREADS = int(os.environ.get("MEDGEM_BENCH_THREADS", "2"))
-ENGINES = ["medgem-fp32", "medgem-bf16", "medgem-int8", "medgem-int4", "medgem-int8-compiled", "transformers",
+ENGINES = ["medgem-fp32", "medgem-bf16", "medgem-int8", "medgem-int4", "medgem-int8-compiled", "medgem-int4-compiled",
+           "transformers",
            "llama.cpp"]
 LOOKUP_TOKENS, LOOKUP_NGRAM = 8, 3
 

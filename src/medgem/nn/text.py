@@ -50,19 +50,21 @@ def rope_inv_freq(head_dim: int, base: float, linear_factor: float = 1.0) -> tor
     return inv / linear_factor
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [B, T, head_dim] in fp32 for integer positions [B, T]."""
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sign-folded sin [B, 1, T, head_dim] for integer positions [B, T], computed in fp32 and
+    cast to the activations' dtype once a forward rather than in each layer. The first half of the sin
+    is negated, which lets `apply_rope` rotate with a single roll."""
     freqs = positions.float()[..., None] * inv_freq.to(positions.device)[None, None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat((cos, cos), dim=-1)[:, None].to(dtype), torch.cat((-sin, sin), dim=-1)[:, None].to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate halves of x [B, H, T, D] (the non-interleaved layout Gemma checkpoints use)."""
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate halves of x [B, H, T, D] (the non-interleaved layout Gemma checkpoints use):
+    x * cos + [-x2, x1] * sin, written as a roll times the sign-folded sin (4 ops a call instead of 11;
+    a decode step makes 36 calls)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def attention_mask(
@@ -270,7 +272,8 @@ class Gemma3Text(nn.Module):
         """Embeddings -> final-normed hidden states: every layer, nothing of the vocabulary. It is what
         `Pipeline.compile` compiles; the embedding lookup and the LM head stay outside."""
         rope_pos = positions.clamp(min=0)
-        local, global_ = rope_cos_sin(rope_pos, self.inv_freq_local), rope_cos_sin(rope_pos, self.inv_freq_global)
+        local = rope_cos_sin(rope_pos, self.inv_freq_local, x.dtype)
+        global_ = rope_cos_sin(rope_pos, self.inv_freq_global, x.dtype)
         masks: dict = {}
         for layer in self.layers:
             x = layer(x, local if layer.is_sliding else global_, positions, groups, cache, masks)
