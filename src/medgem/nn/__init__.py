@@ -9,7 +9,7 @@ class Embedding(nn.Embedding):
     """nn.Embedding whose random init is skipped on the meta device, where the loaders build models.
 
     `normal_` on a meta tensor runs through torch._refs, which imports torch._dynamo: 70 MB of RSS and
-    about half a second of loading for values that are replaced by the checkpoint's anyway.
+    about a second of loading, for values that the checkpoint's replace anyway.
     """
 
     def reset_parameters(self) -> None:
