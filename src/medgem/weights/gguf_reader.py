@@ -167,16 +167,18 @@ class GGUFRows(LazyRows):
     def _row_bytes(self) -> int:
         return self.entry.n_bytes // (self.shape[0] if len(self.shape) > 1 else 1)
 
-    def _read(self, start: int, stop: int) -> torch.Tensor:
+    def _raw(self, start: int, stop: int) -> np.ndarray:
+        """The stored bytes of rows start..stop-1, [rows, bytes per row]."""
         raw = np.fromfile(self.entry.path, dtype=np.uint8, count=(stop - start) * self._row_bytes,
                           offset=self.entry.data_offset + start * self._row_bytes)
-        return self._decode(raw.reshape(stop - start, self._row_bytes))
+        return raw.reshape(stop - start, self._row_bytes)
+
+    def _read(self, start: int, stop: int) -> torch.Tensor:
+        return self._decode(self._raw(start, stop))
 
     def int4_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rows start..stop-1 as the file's 4-bit codes, scales and lows (see `int4_codes`)."""
-        raw = np.fromfile(self.entry.path, dtype=np.uint8, count=(stop - start) * self._row_bytes,
-                          offset=self.entry.data_offset + start * self._row_bytes)
-        return int4_codes(raw.reshape(stop - start, self._row_bytes), self.entry.tensor_type)
+        return int4_codes(self._raw(start, stop), self.entry.tensor_type)
 
     def hold(self) -> None:
         if self._file is None:
