@@ -1,0 +1,93 @@
+"""The AVX-512 VNNI int8 kernel (engine/vnni.py): its integer arithmetic, its independence of the
+batch, and the fallback to PyTorch's kernel."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from medgem.engine import vnni
+from medgem.engine.quant import Int8Linear, int8_rows
+
+needs_vnni = pytest.mark.skipif(not vnni.available(), reason="this CPU has no AVX-512 VNNI (or no C compiler)")
+
+
+def spelled_out(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """What the kernel computes: activations rounded to int8 in blocks of 32 (in float32, as the
+    kernel rounds them), exact integer sums, the scales applied in float64."""
+    blocks = x.float().reshape(x.shape[0], -1, vnni.BLOCK)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, torch.full_like(amax, 127) / amax, 0)  # tensor / tensor: rounded as C does
+    codes = torch.round(blocks * inverse).to(torch.int64)
+    sums = torch.einsum("mbk,nbk->mnb", codes, q.to(torch.int64).reshape(q.shape[0], -1, vnni.BLOCK))
+    step = (amax / 127).squeeze(-1).double()
+    return (sums.double() * step[:, None, :]).sum(-1) * scales.double()
+
+
+def test_pack_round_trips():
+    q = torch.randint(-127, 128, (48, 96), dtype=torch.int8)
+    panels = vnni.pack(q)
+    assert panels.shape == (3, 24, 16, 4) and panels.dtype == torch.uint8
+    assert torch.equal(vnni.unpack(panels), q)
+
+
+@needs_vnni
+def test_kernel_is_the_block_rounded_integer_matmul():
+    torch.manual_seed(0)
+    weight = torch.randn(96, 256)
+    x = (torch.randn(6, 256) * torch.linspace(0.01, 50, 256)).bfloat16()  # blocks of very different size
+    q, scales = int8_rows(weight)
+    panels = vnni.pack(q)
+    expected = spelled_out(x, q, scales)
+    logits = vnni.linear(x, panels, scales, torch.float32)
+    torch.testing.assert_close(logits.double(), expected, rtol=1e-5, atol=1e-4)
+    hidden = vnni.linear(x, panels, scales, torch.bfloat16)
+    assert torch.equal(hidden, logits.bfloat16())  # the bf16 output is the float32 one, rounded
+    dense = x.float() @ weight.T
+    assert ((logits - dense).norm() / dense.norm()).item() < 0.01
+
+
+@needs_vnni
+def test_rows_do_not_depend_on_their_batch():
+    """Rows go through the kernel four at a time and then one at a time; each must come out the same
+    alone as anywhere in a batch, or batched decoding would change greedy text."""
+    torch.manual_seed(1)
+    layer = Int8Linear(torch.randn(160, 640))
+    assert layer.vnni
+    x = torch.randn(11, 640).bfloat16()
+    batched = layer(x)
+    for i in range(len(x)):
+        assert torch.equal(layer(x[i:i + 1]), batched[i:i + 1])
+    assert torch.equal(layer(x[3:10]), batched[3:10])
+
+
+@needs_vnni
+def test_layer_keeps_one_copy_and_gives_back_its_weights():
+    torch.manual_seed(2)
+    weight = torch.randn(64, 96)
+    layer = Int8Linear(weight)
+    assert layer.qweight.dtype == torch.uint8 and layer.qweight.numel() == weight.numel()
+    assert ((layer.dequantized() - weight).abs().max() / weight.abs().max()).item() < 0.01
+    odd = Int8Linear(torch.randn(40, 96))  # 40 rows: not whole panels of 16, so PyTorch's kernel
+    assert not odd.vnni and odd.qweight.dtype == torch.int8
+
+
+@needs_vnni
+def test_kernel_compiles_into_a_graph():
+    torch.manual_seed(3)
+    layer = Int8Linear(torch.randn(64, 128))
+    x = torch.randn(3, 128).bfloat16()
+    compiled = torch.compile(layer, fullgraph=True)  # a graph break would raise
+    with torch.inference_mode():
+        assert torch.equal(compiled(x), layer(x))
+
+
+def test_switched_off_by_environment():
+    code = "from medgem.engine import vnni, quant; import torch; print(vnni.available(), quant.Int8Linear(torch.randn(64, 64)).vnni)"
+    env = {**os.environ, "MEDGEM_VNNI": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
