@@ -1,14 +1,16 @@
 """Weight-only quantization for CPU decoding: int8 per-channel and int4 group-wise.
 
-Decode reads every weight once per token, so fewer bytes per weight is more tokens per second. The
-matmuls are PyTorch's own CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), which
-are fast only with bf16 activations, so a quantized model runs its activations in bf16.
+Decode reads every weight once per token, so fewer bytes per weight is more tokens per second. int8
+matmuls run on our AVX-512 VNNI kernel where the CPU has it (engine/vnni.py: activations rounded to
+int8 in blocks of 32, as llama.cpp does), else on PyTorch's `_weight_int8pack_mm`; int4 on PyTorch's
+`_weight_int4pack_mm_for_cpu`. PyTorch's kernels are fast only with bf16 activations, so a quantized
+model runs its activations in bf16.
 
-The tied embedding / LM head (168M of the 270M model's parameters) is quantized too. The head is an
-`Int8HeadLinear` (int8 activations, oneDNN's packed int8 GEMM) unless int4 applies to it. Its packed
-weight cannot serve the embedding lookup, so a model loaded from a checkpoint looks its embedding rows
-up in the file (`CheckpointEmbedding`, as llama.cpp does with its mmap) instead of holding a second
-copy of the table; a model quantized in memory keeps an int8 table (`Int8Embedding`).
+The tied embedding / LM head (168M of the 270M model's parameters) is quantized too: an int8 head is
+an `Int8Linear` with float32 output on the VNNI kernel, else an `Int8HeadLinear` (oneDNN's packed int8
+GEMM). Its packed weight cannot serve the embedding lookup, so a model loaded from a checkpoint looks
+its embedding rows up in the file (`CheckpointEmbedding`, as llama.cpp does with its mmap) instead of
+holding a second copy of the table; a model quantized in memory keeps an int8 table (`Int8Embedding`).
 """
 
 from __future__ import annotations
@@ -106,14 +108,16 @@ ONEDNN = torch.backends.mkldnn.is_available()
 
 
 class Int8HeadLinear(nn.Module):
-    """The LM head: each input row rounded to int8 with its own scale, times int8 weight rows.
+    """The LM head where the VNNI kernel is missing: each input row rounded to int8 with its own scale,
+    times int8 weight rows.
 
     Integer sums are exact, so a row's logits never depend on the other rows of its batch. oneDNN's
     packed int8 GEMM (what PyTorch's own int8 inference lowers to) reads the 262k x 640 head once for
     all rows: 3.0 ms for 1 row and 5.0 ms for 8 on 2 cores, where `torch._int_mm` (the fallback where
     oneDNN is missing) takes 2.8 and 10.1 ms. Batched decoding and speculative checks are many rows.
-    Quality on the 270M stays within the int8 targets (perplexity +0.58 %, greedy agreement 96.2 %); int8
-    activations on every layer would cost +3.2 % perplexity (benchmarks/quant_quality.py).
+    Quality on the 270M stays within the int8 targets (perplexity +0.58 %, greedy agreement 96.2 %).
+    Every layer's activations rounded per row like this would cost +3.2 % perplexity; rounded in
+    blocks of 32, as the VNNI kernel does, nothing measurable (benchmarks/quant_quality.py).
     """
 
     def __init__(self, weight: torch.Tensor | LazyRows):
