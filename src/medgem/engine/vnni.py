@@ -148,8 +148,8 @@ def _(x: torch.Tensor, panels: torch.Tensor, scales: torch.Tensor, out_dtype: to
 
 
 def traceable_linear(x: torch.Tensor, panels: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype):
-    """`linear`, as an operator torch.compile can place in a graph (2-3 us more a call, so eager calls
-    `linear` directly)."""
-    if torch.compiler.is_compiling():
+    """`linear`, as an operator when torch.compile traces it (a graph can hold no ctypes call) or a
+    profiler runs (so profiles show the kernel); eagerly a direct call, 2-3 us cheaper."""
+    if torch.compiler.is_compiling() or torch.autograd.profiler._is_profiler_enabled:
         return _linear_op(x, panels, scales, out_dtype)
     return linear(x, panels, scales, out_dtype)
