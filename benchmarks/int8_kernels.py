@@ -1,4 +1,5 @@
-"""What bounds one-row int8 decoding here: PyTorch's int8 kernels against a plain streaming read.
+"""What bounds int8 decoding here: PyTorch's int8 kernels and medgem's VNNI kernel against a plain
+streaming read.
 
 Decode reads every weight once per token, so its floor is the memory bandwidth. This measures, at the
 Gemma 3 270M's shapes (18 layers of 1536x640, 640x1024, 4096x640 and 640x2048 stacked projections;
@@ -7,8 +8,11 @@ a 262,144 x 640 LM head), random int8 weights, one row of activations, --threads
 - the 72 layer matmuls with `_weight_int8pack_mm` (bf16 activations, medgem's layer kernel), "hot"
   (one layer's weights, repeated: they stay in cache) and "cold" (the 18 layers in turn: each layer's
   weights come from memory, as in decoding), and oneDNN's int8 x int8 GEMM cold;
-- the LM head with oneDNN's packed int8 GEMM (medgem's head kernel), `torch._int_mm` and
-  `_weight_int8pack_mm`.
+- the LM head with oneDNN's packed int8 GEMM (medgem's head where VNNI is missing), `torch._int_mm` and
+  `_weight_int8pack_mm`;
+- medgem's AVX-512 VNNI kernel (engine/vnni.py, activations rounded to int8 in blocks of 32) for the
+  layers (hot and cold) and the head, where this CPU has it;
+- the cold layers and the head again with 8 rows of activations, as when 8 sequences decode together.
 Medians of --repeats timed calls after a warm-up. Writes benchmarks/results/int8_kernels.json.
 
     python benchmarks/int8_kernels.py [--threads 2] [--repeats 15]
@@ -27,6 +31,8 @@ from pathlib import Path
 
 import medgem  # noqa: F401 (before torch: the same OpenMP and huge-page defaults as the engine)
 import torch
+
+from medgem.engine import vnni
 
 RESULTS = Path(__file__).parent / "results"
 LAYERS, HIDDEN, VOCAB = 18, 640, 262_144
@@ -70,10 +76,10 @@ def main() -> None:
     bf16_rows = {k: r.bfloat16() for k, r in rows.items()}
     bf16_layers = [[(q, s.bfloat16()) for q, s in layer] for layer in layers]
 
-    def woq(layer_list):
+    def woq(layer_list, batch=1):
         for layer in layer_list:
             for q, s in layer:
-                torch.ops.aten._weight_int8pack_mm(bf16_rows[q.shape[1]], q, s)
+                torch.ops.aten._weight_int8pack_mm(bf16_rows[q.shape[1]].expand(batch, -1).contiguous(), q, s)
 
     zeros = {n: torch.zeros(n, dtype=torch.long) for n, _ in SHAPES}
     packed = [[(torch.ops.onednn.qlinear_prepack(q, None), s) for q, s in layer] for layer in layers]
@@ -100,6 +106,25 @@ def main() -> None:
         "head_int8pack_bf16": median_ms(
             lambda: torch.ops.aten._weight_int8pack_mm(x_bf16, head_q, head_s_bf16), args.repeats),
     }
+    ms["layers_int8pack_cold_8rows"] = median_ms(lambda: woq(bf16_layers, 8), args.repeats)
+    ms["head_onednn_int8_8rows"] = median_ms(
+        lambda: onednn_row(x.expand(8, -1), head_packed, head_s, head_zeros), args.repeats)
+    if vnni.available():
+        vnni_layers = [[(vnni.pack(q), s) for q, s in layer] for layer in layers]
+        head_panels = vnni.pack(head_q)
+
+        def vnni_run(layer_list, batch=1):
+            for layer in layer_list:
+                for panels, s in layer:
+                    vnni.linear(bf16_rows[panels.shape[1] * 4].expand(batch, -1).contiguous(), panels, s,
+                                torch.bfloat16)
+
+        ms["layers_vnni_hot"] = median_ms(lambda: vnni_run([vnni_layers[0]] * LAYERS), args.repeats)
+        ms["layers_vnni_cold"] = median_ms(lambda: vnni_run(vnni_layers), args.repeats)
+        ms["layers_vnni_cold_8rows"] = median_ms(lambda: vnni_run(vnni_layers, 8), args.repeats)
+        ms["head_vnni"] = median_ms(lambda: vnni.linear(x_bf16, head_panels, head_s, torch.float32), args.repeats)
+        ms["head_vnni_8rows"] = median_ms(
+            lambda: vnni.linear(x_bf16.expand(8, -1).contiguous(), head_panels, head_s, torch.float32), args.repeats)
     head_bytes = VOCAB * HIDDEN
     gb_s = {name: round((layer_bytes if name.startswith("layers") else head_bytes) / (t / 1e3) / 1e9, 1)
             for name, t in ms.items()}

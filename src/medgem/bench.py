@@ -12,6 +12,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+from medgem.engine import vnni
 from medgem.engine.sampling import SamplingParams
 from medgem.errors import InputError
 
@@ -100,6 +101,9 @@ def bench_pipeline(pipe, prompt_tokens: int = 128, new_tokens: int = 128, runs: 
         once()
         first = round(time.perf_counter() - start, 1)
     result = measure(once, pipe.load_seconds, len(ids), runs)
+    text_model = getattr(pipe.model, "language_model", pipe.model)
+    if getattr(text_model, "quantization", "none") != "none":
+        result["int8_kernel"] = vnni.kernel_name()
     if first is not None:
         result["first_run_with_compiling_s"] = first
     return {"prompt_tokens": len(ids), **result}

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from medgem.bench import bench_prompt, check_sizes, measure
+from medgem.engine import vnni
 from medgem.errors import InputError
 from medgem.notice import NOTICE
 
@@ -24,6 +25,7 @@ def test_bench_reports_the_settings_and_speeds(tmp_path):
     assert result["prompt_tokens"] == 40 and result["new_tokens"] == 12 and not result["compiled"]
     assert len(result["decode_tok_s_runs"]) == 2 and result["decode_tok_s"] > 0 and result["prefill_tok_s"] > 0
     assert 0 < result["load_s"] < 60 and result["peak_rss_mb"] > 100
+    assert result["int8_kernel"] == vnni.kernel_name()  # which int8 kernel this CPU ran
     assert "decode_tok_s" in proc.stdout and NOTICE in proc.stderr
 
 

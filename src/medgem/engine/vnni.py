@@ -105,6 +105,11 @@ def available() -> bool:
     return _library() is not None
 
 
+def kernel_name() -> str:
+    """Which kernel int8 weights run on here, for benchmark reports."""
+    return "medgem AVX-512 VNNI (int8 activations in blocks of 32)" if available() else "PyTorch _weight_int8pack_mm"
+
+
 def fits(out_features: int, in_features: int) -> bool:
     """Whether a weight of this shape can use the kernel (whole panels, whole activation blocks)."""
     return available() and out_features % PANEL == 0 and in_features % BLOCK == 0
