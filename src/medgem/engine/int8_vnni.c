@@ -51,7 +51,8 @@ static inline void store_row(void *out, int out_f32, int64_t offset, __m512 v) {
         store_bf16((uint16_t *)out + offset, v);
 }
 
-/* ROWS activation rows against one panel; each weight load serves all of them. */
+/* ROWS activation rows against one panel; each weight load serves all of them (8 rows: 16 of the 32
+   vector registers hold sums). */
 #define PANEL_ROWS(ROWS)                                                                              \
     static void panel_rows##ROWS(const uint8_t *wp, __m512 scale, const int8_t *xq, const float *step, \
                                  const int32_t *bias, int64_t K, void *out, int out_f32, int64_t N,     \
@@ -78,6 +79,7 @@ static inline void store_row(void *out, int out_f32, int64_t offset, __m512 v) {
     }
 PANEL_ROWS(1)
 PANEL_ROWS(4)
+PANEL_ROWS(8)
 
 /* y = x @ W.T for bf16 x [M, K]; y is float32 when out_f32, else bf16. Returns 0, or -1 when out of memory. */
 int medgem_int8_linear(const uint8_t *w, const float *scales, const uint16_t *x, int64_t M, int64_t N, int64_t K,
@@ -99,6 +101,7 @@ int medgem_int8_linear(const uint8_t *w, const float *scales, const uint16_t *x,
             const uint8_t *wp = w + p * PANEL * K;
             __m512 scale = _mm512_loadu_ps(scales + p * PANEL);
             int64_t m = 0;
+            for (; m + 8 <= M; m += 8) panel_rows8(wp, scale, xq, step, bias, K, out, out_f32, N, p * PANEL, m);
             for (; m + 4 <= M; m += 4) panel_rows4(wp, scale, xq, step, bias, K, out, out_f32, N, p * PANEL, m);
             for (; m < M; m++) panel_rows1(wp, scale, xq, step, bias, K, out, out_f32, N, p * PANEL, m);
         }
