@@ -63,6 +63,7 @@ def run_medgem(mode: str, ids: list[int], new: int, runs: int) -> dict:
     import torch
 
     torch.set_num_threads(THREADS)
+    engine = f"medgem-{mode}"
     lookup = mode.endswith("-lookup")  # prompt lookup decoding (--draft lookup)
     mode = mode.removesuffix("-lookup")
     compiled = mode.endswith("-compiled")  # Pipeline.compile(): torch.compile, timed apart from loading
@@ -87,11 +88,11 @@ def run_medgem(mode: str, ids: list[int], new: int, runs: int) -> dict:
     if compiled:
         result["first_run_with_compiling_s"] = compile_s
     if PROFILE:
-        result["profile"] = profile_decode(pipe, ids, SamplingParams(max_new_tokens=new, ignore_eos=True), mode)
+        result["profile"] = profile_decode(pipe, ids, SamplingParams(max_new_tokens=new, ignore_eos=True), engine)
     return result
 
 
-def profile_decode(pipe, ids: list[int], params, mode: str) -> str:
+def profile_decode(pipe, ids: list[int], params, engine: str) -> str:
     """torch.profiler table of where one generation's time goes, written next to the JSON."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -99,7 +100,7 @@ def profile_decode(pipe, ids: list[int], params, mode: str) -> str:
         for _ in pipe.engine.stream([ids], [params]):
             pass
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
-    path = RESULTS / f"decode_profile_medgem-{mode}.txt"
+    path = RESULTS / f"decode_profile_{engine}.txt"
     path.write_text(table)
     return str(path)
 
