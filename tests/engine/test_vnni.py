@@ -77,6 +77,26 @@ def test_layer_keeps_one_copy_and_gives_back_its_weights():
 
 
 @needs_vnni
+def test_model_mixing_kernels_runs_unfused():
+    """k/v of 8 rows do not fill a 16-row panel and stay on PyTorch's kernel while q uses VNNI:
+    such parts are not stacked into one matmul, and the model still matches its dense self."""
+    from medgem.config import tiny_text_config
+    from medgem.engine.quant import quantize_text_model
+    from medgem.nn.text import Gemma3Text
+
+    torch.manual_seed(5)
+    dense = Gemma3Text(tiny_text_config(num_key_value_heads=1, head_dim=8)).eval()
+    ids = torch.tensor([[3, 17, 99, 4, 250, 8]])
+    with torch.inference_mode():
+        expected = dense(ids)
+        model = quantize_text_model(dense, "int8")
+        attn = model.layers[0].self_attn
+        assert attn.q_proj.vnni and not attn.k_proj.vnni and attn.fused is None
+        logits = model(ids)
+    assert ((logits - expected).norm() / expected.norm()).item() < 0.05
+
+
+@needs_vnni
 def test_kernel_compiles_into_a_graph():
     torch.manual_seed(3)
     layer = Int8Linear(torch.randn(64, 128))

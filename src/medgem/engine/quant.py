@@ -243,6 +243,8 @@ def _fusable(*parts: nn.Module) -> FusedProjections | None:
     kinds = {type(p) for p in parts}
     if len(kinds) != 1 or kinds.pop() not in (Int8Linear, Int4Linear):
         return None  # int4 mode keeps the file's 6-8-bit tensors int8: mixed parts stay apart
+    if len({getattr(p, "vnni", False) for p in parts}) != 1:
+        return None  # VNNI panels and plain int8 rows (a part the kernel does not fit) cannot stack
     if isinstance(parts[0], Int4Linear) and (len({p.group_size for p in parts}) != 1 or
                                              any(p.out_features % INT4_PACK_ROWS for p in parts)):
         return None  # the int4 layout packs blocks of rows: stacking splits none only at block edges
