@@ -106,8 +106,14 @@ def test_kernel_compiles_into_a_graph():
         assert torch.equal(compiled(x), layer(x))
 
 
-def test_switched_off_by_environment():
-    code = "from medgem.engine import vnni, quant; import torch; print(vnni.available(), quant.Int8Linear(torch.randn(64, 64)).vnni)"
-    env = {**os.environ, "MEDGEM_VNNI": "0"}
+@pytest.mark.parametrize("env", [{"MEDGEM_VNNI": "0"}, {"CC": "false"}], ids=["switched-off", "compiler-fails"])
+def test_falls_back_to_pytorch_kernel(env, tmp_path):
+    """Switched off, or where building the kernel fails (a fresh cache and a compiler that fails),
+    int8 layers run PyTorch's kernel and say why, instead of failing."""
+    code = ("from medgem.engine import vnni, quant; import torch; layer = quant.Int8Linear(torch.randn(64, 64));"
+            "layer(torch.randn(2, 64)); print(vnni.available(), layer.vnni)")
+    env = {**os.environ, "MEDGEM_CACHE": str(tmp_path), **env}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+    if "CC" in env and vnni._cpu_has_vnni():
+        assert "int8 VNNI kernel off" in out.stderr and "compiling int8_vnni.c failed" in out.stderr

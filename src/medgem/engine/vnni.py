@@ -73,8 +73,10 @@ def _build(runtime: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: races are harmless
         built = Path(tmp) / target.name
+        # --as-needed: PyTorch's runtime, named first, satisfies the OpenMP calls, so the compiler's own
+        # libgomp (which -fopenmp adds) is not loaded as a second runtime beside it.
         command = [compiler, *CFLAGS, str(SOURCE), "-o", str(built), f"-Wl,-rpath,{Path(runtime).parent}",
-                   runtime]
+                   "-Wl,--as-needed", runtime]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode:
             raise OSError(f"compiling {SOURCE.name} failed: {result.stderr.strip()[-500:]}")
