@@ -49,6 +49,9 @@ def test_kernel_is_the_block_rounded_integer_matmul():
     assert torch.equal(hidden, logits.bfloat16())  # the bf16 output is the float32 one, rounded
     dense = x.float() @ weight.T
     assert ((logits - dense).norm() / dense.norm()).item() < 0.01
+    for bad in (x.float(), x[:, :128].contiguous(), x.T.contiguous().T):  # the C code would read out of bounds
+        with pytest.raises(TypeError, match="int8 VNNI kernel"):
+            vnni.linear(bad, panels, scales, torch.float32)
 
 
 @needs_vnni

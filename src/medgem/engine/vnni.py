@@ -132,8 +132,13 @@ def unpack(panels: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, panels: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """x [M, K] (bf16, dense) @ W.T with W = unpack(panels) * scales[:, None]; float32 or bf16 out."""
-    if x.dtype != torch.bfloat16 or not x.is_contiguous() or panels.dtype != torch.uint8:
-        raise TypeError("int8 VNNI kernel: needs dense bf16 activations and uint8 panels")
+    # The C code trusts its pointers and sizes, so anything else would read or write out of bounds.
+    if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() != 2 or not x.is_contiguous()
+            or panels.dtype != torch.uint8 or not panels.is_contiguous() or panels.shape[1] * 4 != x.shape[1]
+            or scales.shape != (panels.shape[0] * PANEL,) or out_dtype not in (torch.float32, torch.bfloat16)):
+        raise TypeError(f"int8 VNNI kernel: needs dense bf16 CPU activations [M, {panels.shape[1] * 4}], "
+                        f"uint8 panels with one scale a row, and a float32 or bf16 output; got {tuple(x.shape)} "
+                        f"{x.dtype} on {x.device.type}")
     scales = scales.float()  # a model's .to(dtype) may have turned them bf16; a no-op otherwise
     out = torch.empty(x.shape[0], scales.shape[0], dtype=out_dtype)
     status = _library().medgem_int8_linear(panels.data_ptr(), scales.data_ptr(), x.data_ptr(), x.shape[0],
