@@ -94,7 +94,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     try:
         lib = ctypes.CDLL(str(_build(runtime)))
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # RuntimeError: no home folder for the cache (Path.home)
         log.warning("int8 VNNI kernel off (%s); using PyTorch's slower int8 kernel", err)
         return None
     P, I64 = ctypes.c_void_p, ctypes.c_int64
