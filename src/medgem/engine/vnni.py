@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int8_vnni.c")
 PANEL, BLOCK = 16, 32  # rows per weight panel, activations per scale (as in the C source)
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")  # what CFLAGS let the compiler use
 CFLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
           "-mavx512vnni", "-mfma"]
 
