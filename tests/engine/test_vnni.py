@@ -66,6 +66,7 @@ def test_rows_do_not_depend_on_their_batch():
     for i in range(len(x)):
         assert torch.equal(layer(x[i:i + 1]), batched[i:i + 1])
     assert torch.equal(layer(x[3:12]), batched[3:12])
+    assert layer(x[:0]).shape == (0, 160)  # no rows, no call into the kernel
 
 
 @needs_vnni

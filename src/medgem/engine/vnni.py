@@ -141,6 +141,8 @@ def linear(x: torch.Tensor, panels: torch.Tensor, scales: torch.Tensor, out_dtyp
                         f"{x.dtype} on {x.device.type}")
     scales = scales.float()  # a model's .to(dtype) may have turned them bf16; a no-op otherwise
     out = torch.empty(x.shape[0], scales.shape[0], dtype=out_dtype)
+    if not x.shape[0]:
+        return out
     status = _library().medgem_int8_linear(panels.data_ptr(), scales.data_ptr(), x.data_ptr(), x.shape[0],
                                            scales.shape[0], x.shape[1], out.data_ptr(),
                                            out_dtype == torch.float32, torch.get_num_threads())
