@@ -75,7 +75,7 @@ class Pipeline:
 
     def compile(self) -> None:
         """Generate through `torch.compile` (engine/compiled.py), for `generate`, `stream`, `complete` and
-        the server's scheduler. The int8 270M then decodes about 1.3x faster on 2 CPU cores, but the first
+        the server's scheduler. The int8 270M then decodes about 1.5x faster on 2 CPU cores, but the first
         prompt and first decode step spend about 70 s compiling (12 s when PyTorch's inductor cache under
         /tmp already holds the graphs, as on a restart; benchmarks/decode.py), so it is off by
         default: worth it for long-running servers and batch jobs, not for one question."""

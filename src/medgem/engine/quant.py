@@ -42,14 +42,18 @@ def _row_chunks(weight: torch.Tensor | LazyRows):
         yield start, stop, weight[start:stop].float()
 
 
+def _round_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 rows -> (int8 rows, float32 scale per row), symmetric."""
+    scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
 def int8_rows(weight: torch.Tensor | LazyRows) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row (output channel) int8: weight ~= q * scale[:, None], float32 scales."""
     q = torch.empty(tuple(weight.shape), dtype=torch.int8)
     scales = torch.empty(weight.shape[0])
     for start, stop, w in _row_chunks(weight):
-        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        q[start:stop] = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        scales[start:stop] = scale
+        q[start:stop], scales[start:stop] = _round_rows(w)
     return q, scales
 
 
@@ -72,7 +76,7 @@ class Int8Linear(nn.Module):
                                  dtype=torch.uint8)
             scales = torch.empty(self.out_features)
             for start, stop, rows in _row_chunks(weight):
-                q, scales[start:stop] = int8_rows(rows)
+                q, scales[start:stop] = _round_rows(rows)
                 panels[start // vnni.PANEL:stop // vnni.PANEL] = vnni.pack(q)
             self.register_buffer("qweight", panels)
             self.register_buffer("scales", scales)
