@@ -78,3 +78,12 @@ def tiny_multimodal() -> Generator:
     with torch.no_grad():
         model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.5)
     return generator_for(model)
+
+
+@pytest.fixture
+def pytorch_kernels(monkeypatch):
+    """Models quantized while this fixture is active use PyTorch's int8/int4 kernels, as on a CPU without
+    AVX2 or a C compiler, so the fallback stays tested on machines that have the block kernel."""
+    from medgem.engine import blocks
+
+    monkeypatch.setattr(blocks, "available", lambda: False)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import medgem
-from medgem.engine import quant
+from medgem.engine import blocks, quant
+from medgem.engine.blocks import BlockLinear
 from medgem.engine.quant import (
     CheckpointEmbedding,
     Int4Linear,
@@ -76,7 +77,7 @@ def test_int8_head_without_onednn_computes_the_same(monkeypatch):
     monkeypatch.setattr(quant, "ONEDNN", False)
     plain = Int8HeadLinear(weight)
     monkeypatch.undo()
-    assert not plain.packed and Int8HeadLinear(weight).packed == torch.backends.mkldnn.is_available()
+    assert not plain.packed and Int8HeadLinear(weight).packed == quant.ONEDNN
     assert torch.equal(plain(x), Int8HeadLinear(weight)(x))
 
 
@@ -115,7 +116,7 @@ def test_int8_greedy_agrees_with_fp32_on_real_weights(real_pipe):
     lens = [len(p) for p in prompt_ids]
     assert greedy_agreement(real_pipe.model, sequences, lens) == 1.0  # the reference agrees with itself
     quant = medgem.load(quant="int8")
-    head = (Int8Linear, Int8HeadLinear)  # the first where the CPU has the VNNI kernel (engine/vnni.py)
+    head = (BlockLinear, Int8Linear, Int8HeadLinear)  # by the CPU's kernels (engine/blocks.py, engine/vnni.py)
     assert isinstance(quant.model.lm_head, head) and isinstance(quant.model.embed_tokens, CheckpointEmbedding)
     agree = greedy_agreement(quant.model, sequences, lens)
     assert agree >= 0.9, f"int8 greedy agreement {agree:.2f}"
@@ -161,14 +162,17 @@ def test_loading_straight_into_int8_equals_quantizing_the_dense_model(embedded_g
         assert torch.equal(a.argmax(-1), b.argmax(-1)) and ((a - b).norm() / b.norm()).item() < 0.08  # bf16 noise
 
 
+@pytest.mark.parametrize("kernels", ["cpu's", "pytorch"])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_streamed_quantized_load_from_safetensors(tmp_path, mode):
+def test_streamed_quantized_load_from_safetensors(tmp_path, mode, kernels, request):
     """The HF path slices safetensors rows; an untied head gets its own quantized matrix."""
     from safetensors.torch import save_file
 
     from medgem.config import tiny_text_config, to_hf_config
     from medgem.nn.text import Gemma3Text
 
+    if kernels == "pytorch":
+        request.getfixturevalue("pytorch_kernels")
     torch.manual_seed(3)
     model = Gemma3Text(tiny_text_config(tie_word_embeddings=False, vocab_size=20_000)).eval()
     save_file({f"model.{k}" if k != "lm_head.weight" else k: v.contiguous() for k, v in model.state_dict().items()},
@@ -178,25 +182,35 @@ def test_streamed_quantized_load_from_safetensors(tmp_path, mode):
     reference = quantize_text_model(model, mode)
     cfg, tensors, _ = open_text_checkpoint(tmp_path)
     streamed = load_quantized_text_model(cfg, tensors, mode, "tiny", group_size=32)
-    assert same_weights(streamed, reference) and isinstance(streamed.lm_head, (Int8Linear, Int8HeadLinear) if mode == "int8" else Int4Linear)
+    expected = (Int8Linear, Int8HeadLinear) if mode == "int8" else Int4Linear
+    if blocks.available():  # dense rows become Q8_0 for int8, Q4_1 (4-bit groups of 32 with a low) for int4
+        expected = BlockLinear
+        assert streamed.lm_head.kind == (blocks.Q8_0 if mode == "int8" else blocks.Q4_1)
+    assert same_weights(streamed, reference) and isinstance(streamed.lm_head, expected)
     ids = torch.tensor([[5, 19_999, 5]])
     assert torch.equal(streamed.embed_tokens.rows.gather(ids), rows[ids])
     with pytest.raises(CheckpointError, match="lacks tensor 'norm.weight'"):
         load_quantized_text_model(cfg, {k: v for k, v in tensors.items() if k != "norm.weight"}, mode, "tiny")
 
 
+@pytest.mark.parametrize("kernels", ["cpu's", "pytorch"])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_fused_projections_match_the_parts_and_yield_to_a_replaced_part(mode):
+def test_fused_projections_match_the_parts_and_yield_to_a_replaced_part(mode, kernels, request):
     """q/k/v and gate/up run as one matmul over stacked rows (engine/quant.py): the same logits as one
     call per part, no second copy of the weights, and a part replaced later (LoRA) is never bypassed."""
     from medgem.config import tiny_text_config
     from medgem.nn.text import Gemma3Text
 
+    if kernels == "pytorch":
+        request.getfixturevalue("pytorch_kernels")
     torch.manual_seed(4)
     model = quantize_text_model(Gemma3Text(tiny_text_config(head_dim=32)).eval(), mode)  # k, v: 64 rows
     attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
     assert attn.fused is not None and mlp.fused is not None
-    assert attn.q_proj.qweight.untyped_storage().data_ptr() == attn.fused.linear.qweight.untyped_storage().data_ptr()
+    if isinstance(attn.q_proj, BlockLinear):  # one kernel call over the parts' own blocks
+        assert attn.fused.linear.parts == (attn.q_proj, attn.k_proj, attn.v_proj)
+    else:
+        assert attn.q_proj.qweight.untyped_storage().data_ptr() == attn.fused.linear.qweight.untyped_storage().data_ptr()
     assert "fused" not in "".join(name for name, _ in model.named_modules())  # LoRA and state dicts see the parts
     ids = torch.tensor([[3, 17, 99, 4, 250, 8]])
     with torch.inference_mode():
@@ -213,7 +227,8 @@ def test_fused_projections_match_the_parts_and_yield_to_a_replaced_part(mode):
         attn.q_proj = quiet.to(torch.bfloat16)  # what LoRA's wrapping does: the fused stack no longer applies
         assert not torch.equal(model(ids), fused)
     odd = quantize_text_model(Gemma3Text(tiny_text_config()).eval(), mode)  # k, v: 32 rows
-    assert (odd.layers[0].self_attn.fused is None) == (mode == "int4")  # half an int4 block: kept apart
+    # Half of PyTorch's int4 block of rows: kept apart. The block kernel stacks any rows.
+    assert (odd.layers[0].self_attn.fused is None) == (mode == "int4" and not blocks.available())
 
 
 def test_checkpoint_embedding_keeps_recent_rows_and_stays_exact(tmp_path, monkeypatch):
@@ -251,7 +266,7 @@ def effective_weight(layer: torch.nn.Module) -> torch.Tensor:
         return layer(torch.eye(layer.in_features, dtype=torch.bfloat16)).float().T
 
 
-def test_int4_keeps_the_files_own_4bit_codes(embedded_gguf):
+def test_int4_keeps_the_files_own_4bit_codes(embedded_gguf, pytorch_kernels):
     """A Q4_K tensor of the real 270M becomes int4 with the codes, scales and mins the file stores: what
     the layer applies is the file's weight up to the bf16 rounding of scales and outputs, well inside
     what rounding the same weights onto a 4-bit grid of its own costs."""

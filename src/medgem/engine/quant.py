@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medgem.config import TextConfig
-from medgem.engine import vnni
+from medgem.engine import blocks, ckernel, vnni
 from medgem.errors import InputError
 from medgem.nn.text import Gemma3Text
 from medgem.weights import check_state_dict
@@ -108,7 +108,9 @@ class Int8Linear(nn.Module):
         return fused
 
 
-ONEDNN = torch.backends.mkldnn.is_available()
+# oneDNN's int8 GEMM is exact only where the CPU has VNNI (or AMX): on plain AVX2 it multiplies with
+# vpmaddubsw, whose 16-bit pair sums saturate on full-range int8 rows (measured: 4 % error on a Zen 3).
+ONEDNN = torch.backends.mkldnn.is_available() and bool({"avx512_vnni", "avx_vnni", "amx_int8"} & ckernel.cpu_flags())
 
 
 class Int8HeadLinear(nn.Module):
@@ -245,6 +247,8 @@ class FusedProjections:
 
 def _fusable(*parts: nn.Module) -> FusedProjections | None:
     kinds = {type(p) for p in parts}
+    if kinds == {blocks.BlockLinear}:
+        return FusedProjections(parts)  # the block kernel takes parts of different types in one call
     if len(kinds) != 1 or kinds.pop() not in (Int8Linear, Int4Linear):
         return None  # int4 mode keeps the file's 6-8-bit tensors int8: mixed parts stay apart
     if len({getattr(p, "vnni", False) for p in parts}) != 1:
@@ -326,16 +330,41 @@ class CheckpointEmbedding(nn.Module):
 INT4_MAX_STORED_BITS = 5.0  # int4 mode keeps int8 for tensors a GGUF stores with 5 or more bits
 
 
-def _quantized(weight: torch.Tensor | LazyRows, mode: str, group_size: int) -> nn.Module:
-    """int8, or int4 unless the file stored this tensor with more bits than int4 can keep.
+def _quantized(weight: torch.Tensor | LazyRows, mode: str, group_size: int,
+               out_dtype: torch.dtype | None = None) -> nn.Module:
+    """The fastest linear this CPU has for `weight` in `mode`.
 
-    A Q4_K_M GGUF stores the sensitive tensors (v, part of down, the embedding) at 6-8 bits and the
-    rest at 4.5-5.5. Rounding those again to 4 bits costs far more than 4-bit quantization of a dense
+    With the block kernel (engine/blocks.py, AVX2): in int4 mode a GGUF tensor the kernel reads (Q4_0,
+    Q4_1, Q5_0, Q8_0, Q4_K, Q6_K) stays in the file as stored, so a Q4_K_M file keeps its 6-bit tensors'
+    precision; other tensors become Q8_0 (a GGUF's other types) or Q4_1 (dense floats). In int8 mode
+    everything is Q8_0, in place where the file holds Q8_0. On AVX-512 VNNI CPUs, int8 mode keeps that
+    kernel's panels (engine/vnni.py).
+
+    Without it, PyTorch's kernels: int8, or int4 unless the file stored this tensor with more bits than
+    int4 can keep. Rounding those again to 4 bits costs far more than 4-bit quantization of a dense
     checkpoint: on the 270M, perplexity +17 % with its Q5_0 tensors int4 as well
     (benchmarks/quant_quality.py). The file's own 4-bit tensors (Q4_0, Q4_1, Q4_K) go to int4 with
     their codes as stored, at group size 32. Dense float sources are all int4.
     """
-    return Int8Linear(weight) if _int8(weight, mode, group_size) else Int4Linear(weight, group_size)
+    if blocks.available() and not (mode == "int8" and vnni.fits(*weight.shape)):
+        return _block_linear(weight, mode, out_dtype)
+    if _int8(weight, mode, group_size):
+        if out_dtype is not None and not vnni.fits(*weight.shape):
+            return Int8HeadLinear(weight)
+        return Int8Linear(weight, out_dtype=out_dtype)
+    return Int4Linear(weight, group_size)
+
+
+def _block_linear(weight: torch.Tensor | LazyRows, mode: str, out_dtype: torch.dtype | None) -> blocks.BlockLinear:
+    out_f, in_f = weight.shape
+    stored = getattr(weight, "ggml_type", None)
+    if stored is not None and blocks.row_bytes(stored, in_f) is not None and (mode == "int4" or stored == blocks.Q8_0):
+        return blocks.BlockLinear(weight.blocks(), stored, in_f, out_dtype)
+    kind = blocks.Q4_1 if mode == "int4" and getattr(weight, "stored_bits", None) is None else blocks.Q8_0
+    packed = torch.empty(out_f, blocks.row_bytes(kind, in_f), dtype=torch.uint8)
+    for start, stop, rows in _row_chunks(weight):
+        packed[start:stop] = blocks.quantize(rows, kind)
+    return blocks.BlockLinear(packed, kind, in_f, out_dtype)
 
 
 def _int8(weight: torch.Tensor | LazyRows, mode: str, group_size: int) -> bool:
@@ -359,12 +388,7 @@ def _quantize_into(model: Gemma3Text, tensors: Mapping[str, torch.Tensor | LazyR
     embedding = tensors["embed_tokens.weight"]
     head_weight = embedding if model.config.tie_word_embeddings else tensors["lm_head.weight"]
     # The head first: packing it briefly holds two copies, better before the layers are in memory too.
-    if not _int8(head_weight, mode, group_size):
-        model.lm_head = Int4Linear(head_weight, group_size)
-    elif vnni.fits(*head_weight.shape):
-        model.lm_head = Int8Linear(head_weight, out_dtype=torch.float32)
-    else:
-        model.lm_head = Int8HeadLinear(head_weight)
+    model.lm_head = _quantized(head_weight, mode, group_size, out_dtype=torch.float32)
     scale = model.config.hidden_size**0.5
     lookup = isinstance(embedding, LazyRows)
     model.embed_tokens = CheckpointEmbedding(embedding, scale) if lookup else Int8Embedding(embedding, scale)

@@ -9,93 +9,30 @@ Perplexity on the 270M is unchanged by the block-rounded activations (17.445 aga
 benchmarks/quant_quality.py). No maintained library ships this kernel for PyTorch on x86 (torchao's
 CPU kernels are not in its PyPI wheel), so it is ~100 lines of C here.
 
-The C source is compiled on first use with the system's C compiler into medgem's cache folder
-(under a second), linked to the OpenMP runtime PyTorch itself loaded so both share one thread pool.
-Where the CPU lacks AVX-512 VNNI, no compiler is found, or MEDGEM_VNNI=0, `available()` is False and
-the engine keeps PyTorch's kernel.
+It is compiled on first use (engine/ckernel.py). Where the CPU lacks AVX-512 VNNI, no compiler is
+found, or MEDGEM_VNNI=0, `available()` is False and the engine keeps PyTorch's kernel.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
 from functools import cache
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from medgem.engine import ckernel
 
 SOURCE = Path(__file__).with_name("int8_vnni.c")
 PANEL, BLOCK = 16, 32  # rows per weight panel, activations per scale (as in the C source)
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")  # what CFLAGS let the compiler use
-CFLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-          "-mavx512vnni", "-mfma"]
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("MEDGEM_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
-                                                          Path.home() / ".cache", "medgem")
-    return Path(root) / "kernels"
-
-
-def _cpu_has_vnni() -> bool:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return False
-    return all(flag in flags.split() for flag in CPU_FLAGS)
-
-
-def _openmp_runtime() -> str | None:
-    """The OpenMP library this process already runs (PyTorch's), so the kernel joins its thread pool."""
-    torch.get_num_threads()  # makes sure PyTorch has loaded it
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        path = line.split()[-1]
-        if "/libgomp" in path or "/libiomp" in path:
-            return path
-    return None
-
-
-def _build(runtime: str) -> Path:
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        raise OSError("no C compiler (cc) on PATH")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([*CFLAGS, runtime]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"int8_vnni-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: races are harmless
-        built = Path(tmp) / target.name
-        # --as-needed: PyTorch's runtime, named first, satisfies the OpenMP calls, so the compiler's own
-        # libgomp (which -fopenmp adds) is not loaded as a second runtime beside it.
-        command = [compiler, *CFLAGS, str(SOURCE), "-o", str(built), f"-Wl,-rpath,{Path(runtime).parent}",
-                   "-Wl,--as-needed", runtime]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode:
-            raise OSError(f"compiling {SOURCE.name} failed: {result.stderr.strip()[-500:]}")
-        os.replace(built, target)
-    return target
+CFLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma"]
 
 
 @cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("MEDGEM_VNNI", "1") == "0" or not _cpu_has_vnni():
-        return None
-    runtime = _openmp_runtime()
-    if runtime is None:
-        log.info("int8 VNNI kernel off: PyTorch's OpenMP runtime was not found; using PyTorch's int8 kernel")
-        return None
-    try:
-        lib = ctypes.CDLL(str(_build(runtime)))
-    except (OSError, RuntimeError) as err:  # RuntimeError: no home folder for the cache (Path.home)
-        log.warning("int8 VNNI kernel off (%s); using PyTorch's slower int8 kernel", err)
+    lib = ckernel.load(SOURCE, CFLAGS, CPU_FLAGS, "MEDGEM_VNNI")
+    if lib is None:
         return None
     P, I64 = ctypes.c_void_p, ctypes.c_int64
     lib.medgem_int8_linear.argtypes = [P, P, P, I64, I64, I64, P, ctypes.c_int, ctypes.c_int]

@@ -7,8 +7,10 @@ as `w + 1`; both are undone here so the result is an HF-named state dict.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -136,7 +138,7 @@ def text_tensors(index: GGUFIndex) -> dict[str, LazyRows]:
         name = hf_name(entry.name)
         if name is None:
             raise CheckpointError(f"unexpected tensor {entry.name!r} in GGUF (not a Gemma 3 text weight)")
-        tensors[name] = GGUFRows(entry, shift=-1.0 if name.endswith("norm.weight") else 0.0)
+        tensors[name] = GGUFRows(entry, shift=-1.0 if name.endswith("norm.weight") else 0.0, index=index)
     return tensors
 
 
@@ -145,10 +147,10 @@ class GGUFRows(LazyRows):
     stay in the page cache instead of this process's RSS). GGUF quantizes along each row, so any row
     range is a whole number of quant blocks."""
 
-    def __init__(self, entry: TensorEntry, shift: float = 0.0):
+    def __init__(self, entry: TensorEntry, shift: float = 0.0, index: GGUFIndex | None = None):
         import gguf
 
-        self.entry, self.shift = entry, shift
+        self.entry, self.shift, self.index = entry, shift, index
         self._file = None  # set by hold()
         self.shape = tuple(int(d) for d in reversed(entry.shape))
         block, block_bytes = gguf.GGML_QUANT_SIZES[entry.tensor_type]
@@ -175,6 +177,16 @@ class GGUFRows(LazyRows):
 
     def _read(self, start: int, stop: int) -> torch.Tensor:
         return self._decode(self._raw(start, stop))
+
+    @property
+    def ggml_type(self) -> int:
+        return int(self.entry.tensor_type)
+
+    def blocks(self) -> torch.Tensor:
+        """The tensor's stored blocks, uint8 [rows, bytes per row], as a view of the file's memory map:
+        nothing is read or copied until a kernel touches it, and the pages are the page cache's."""
+        mapped = (self.index or GGUFIndex.load(self.entry.path)).mapped
+        return mapped[self.entry.data_offset:self.entry.data_offset + self.entry.n_bytes].view(-1, self._row_bytes)
 
     def int4_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rows start..stop-1 as the file's 4-bit codes, scales and lows (see `int4_codes`)."""
@@ -236,6 +248,21 @@ class GGUFIndex:
 
     def __init__(self, path: Path, metadata: dict[str, Any], tensors: list[TensorEntry], key: str):
         self.path, self.metadata, self.tensors, self.key = path, metadata, tensors, key
+
+    @cached_property
+    def mapped(self) -> torch.Tensor:
+        """The whole file as a read-only uint8 tensor over one shared memory map, its pages read in at once
+        (MAP_POPULATE, as llama.cpp does) so the first token does not wait on page faults."""
+        with open(self.path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            end = max((t.data_offset + t.n_bytes for t in self.tensors), default=0)
+            if end > size:  # mapping past the end would crash the process on first touch (SIGBUS)
+                raise CheckpointError(f"{self.path.name} is truncated: tensors end at byte {end}, file has {size}")
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            view = mmap.mmap(file.fileno(), size, flags=flags, prot=mmap.PROT_READ)
+        with warnings.catch_warnings():  # read-only on purpose: nothing in medgem writes weights in place
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            return torch.frombuffer(view, dtype=torch.uint8)
 
     @cached_property
     def reader(self):

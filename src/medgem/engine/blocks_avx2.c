@@ -1,0 +1,390 @@
+/* Matmuls on llama.cpp's quantized weight blocks, as a GGUF file stores them, on AVX2 (see engine/blocks.py).
+
+   y[m, n] = sum over 32-weight groups g of  wscale[n, g] * xstep[m, g] * (integer dot of codes)
+             + the group's offset term (Q4_K mins, Q4_1 lows, the -8/-16/-32 centre of Q4_0/Q5_0/Q6_K)
+
+   Weights stay in the file's own blocks (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K): no re-rounding, no copy.
+   Activations are rounded to int8 in blocks of 32, each with its own float step (llama.cpp's Q8_0),
+   and each block's code sums are kept (times the step) for the offset terms. Integer dots use
+   vpmaddubsw (unsigned weight codes x signed activation codes), then vpmaddwd to 32 bits; every
+   group's sum is scaled in float32.
+
+   Up to 4 activation rows share each decoded weight block (prefill); every output is computed by the
+   same instructions in the same order whatever M is and wherever the row sits in its batch, so a
+   row's result never depends on the other rows. Several weight tensors ("segments": q, k and v) can
+   be multiplied in one call, their outputs side by side. */
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14 }; /* ggml's type numbers */
+#define MAX_ROWS 4      /* activation rows per pass over a weight row */
+#define CHUNK_BYTES (2 << 20) /* activation rows quantized and reused per pass over the weights: fits L3 */
+
+typedef struct {  /* M activation rows of K, block-rounded in the two forms the weight types pair with */
+    const int8_t *q;  /* [M][K] codes in blocks of 32 (for Q4_0, Q4_1, Q5_0, Q8_0: llama.cpp's Q8_0) */
+    const float *step; /* [M][K/32] */
+    const float *sum16; /* [M][K/16] step * sum of 16 codes */
+    const int8_t *qk;  /* [M][K] codes in blocks of 256 (for Q4_K, Q6_K: llama.cpp's Q8_K) */
+    const float *stepk; /* [M][K/256] */
+    const int32_t *isum16; /* [M][K/16] sum of 16 codes */
+    int64_t K;
+} Acts;
+
+static inline float half(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline int hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* One 32-weight group of one row: unsigned codes u times activation codes x, in 8 lanes of 32 bits
+   (pairs of 16-bit sums weighted by w16: ones, or Q6_K's scales). */
+static inline __m256i isum(__m256i u, const int8_t *x, __m256i w16) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)x)), w16);
+}
+
+/* acc + p0 * f0 + p1 * f1 for two groups' sums: the accumulator waits on one add per 64 weights instead
+   of two dependent fused multiply-adds, the bound of a single row. */
+static inline __m256 pair(__m256 acc, __m256i p0, float f0, __m256i p1, float f1) {
+    __m256 both = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(f0),
+                                  _mm256_mul_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(f1)));
+    return _mm256_add_ps(acc, both);
+}
+
+#define ROWS_LOOP for (int r = 0; r < R; r++)
+/* The rows' pointers in locals: the weight decoding stores bytes, which C lets alias anything behind `a`,
+   so reading a->K inside the loops would mean reloading it (and dividing) at every group. */
+#define ROW_POINTERS                                                                      \
+    const int64_t K = a->K;                                                               \
+    const int8_t *xr[MAX_ROWS];                                                           \
+    const float *st[MAX_ROWS], *s16[MAX_ROWS];                                            \
+    ROWS_LOOP xr[r] = a->q + (m + r) * K, st[r] = a->step + (m + r) * (K / 32), s16[r] = a->sum16 + (m + r) * (K / 16);
+#define ROW_POINTERS_K                                                                    \
+    const int64_t K = a->K;                                                               \
+    const int8_t *xr[MAX_ROWS];                                                           \
+    const float *st[MAX_ROWS];                                                            \
+    const int32_t *s16[MAX_ROWS];                                                         \
+    ROWS_LOOP xr[r] = a->qk + (m + r) * K, st[r] = a->stepk + (m + r) * (K / 256), s16[r] = a->isum16 + (m + r) * (K / 16);
+#define X(r, g) (xr[r] + (int64_t)(g) * 32)
+#define STEP(r, g) (st[r][g])
+#define SUM16(r, g) (s16[r][g])
+
+/* K-quants pair with activations rounded per 256 (one step a superblock, as llama.cpp's Q8_K does), so a
+   superblock's groups sum in integers with their 6- or 8-bit scales and meet a float once. */
+static inline __attribute__((always_inline)) void dot_q4_k(const uint8_t *w, const Acts *a, int64_t m, int R,
+                                                            float *res) {
+    __m256 acc[MAX_ROWS];
+    float off[MAX_ROWS];
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    ROW_POINTERS_K
+    ROWS_LOOP acc[r] = _mm256_setzero_ps(), off[r] = 0.0f;
+    for (int64_t sb = 0; sb < K / 256; sb++, w += 144) {
+        float d = half(w), dmin = half(w + 2);
+        const uint8_t *s = w + 4;
+        int16_t sc[8], mn[8];
+        for (int j = 0; j < 4; j++) {
+            sc[j] = s[j] & 63, mn[j] = s[j + 4] & 63;
+            sc[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 6) << 4);
+            mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+        }
+        __m256i sum[MAX_ROWS];
+        ROWS_LOOP sum[r] = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w + 16 + 32 * c));
+            __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            __m256i s_lo = _mm256_set1_epi16(sc[2 * c]), s_hi = _mm256_set1_epi16(sc[2 * c + 1]);
+            int g = (int)sb * 8 + 2 * c;
+            ROWS_LOOP sum[r] = _mm256_add_epi32(sum[r], _mm256_add_epi32(isum(lo, X(r, g), s_lo), isum(hi, X(r, g + 1), s_hi)));
+        }
+        ROWS_LOOP {
+            int32_t mins = 0;
+            for (int j = 0; j < 8; j++) mins += mn[j] * (s16[r][sb * 16 + 2 * j] + s16[r][sb * 16 + 2 * j + 1]);
+            float dx = st[r][sb];
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(d * dx), acc[r]);
+            off[r] += dmin * dx * (float)mins;
+        }
+    }
+    ROWS_LOOP res[r] = hsum(acc[r]) - off[r];
+}
+
+static inline __attribute__((always_inline)) void dot_q6_k(const uint8_t *w, const Acts *a, int64_t m, int R,
+                                                            float *res) {
+    __m256 acc[MAX_ROWS];
+    float off[MAX_ROWS];
+    const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(0x03);
+    ROW_POINTERS_K
+    ROWS_LOOP acc[r] = _mm256_setzero_ps(), off[r] = 0.0f;
+    for (int64_t sb = 0; sb < K / 256; sb++, w += 210) {
+        const uint8_t *ql = w, *qh = w + 128;
+        const int8_t *sc = (const int8_t *)(w + 192);
+        const __m128i all_scales = _mm_loadu_si128((const __m128i *)sc);
+        float d = half(w + 208);
+        __m256i sum[MAX_ROWS];
+        ROWS_LOOP sum[r] = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            __m256i A = _mm256_loadu_si256((const __m256i *)(ql + 64 * h));
+            __m256i B = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32));
+            __m256i H = _mm256_loadu_si256((const __m256i *)(qh + 32 * h));
+            __m256i q[4];
+            q[0] = _mm256_or_si256(_mm256_and_si256(A, low4), _mm256_slli_epi16(_mm256_and_si256(H, low2), 4));
+            q[1] = _mm256_or_si256(_mm256_and_si256(B, low4),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(H, 2), low2), 4));
+            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(A, 4), low4),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(H, 4), low2), 4));
+            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(B, 4), low4),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(H, 6), low2), 4));
+            for (int c = 0; c < 4; c++) {  /* one 16-bit scale for each 16 weights: bytes 2p (x8), 2p+1 (x8) */
+                const int64_t p = h * 4 + c;
+                __m128i pick = _mm_set_epi64x((2 * p + 1) * 0x0101010101010101LL, 2 * p * 0x0101010101010101LL);
+                __m256i scales = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(all_scales, pick));
+                int g = (int)sb * 8 + h * 4 + c;
+                ROWS_LOOP sum[r] = _mm256_add_epi32(sum[r], isum(q[c], X(r, g), scales));
+            }
+        }
+        ROWS_LOOP {
+            int32_t centre = 0;  /* the codes are stored + 32 */
+            for (int j = 0; j < 16; j++) centre += sc[j] * s16[r][sb * 16 + j];
+            float dx = st[r][sb];
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(d * dx), acc[r]);
+            off[r] += d * dx * (float)(32 * centre);
+        }
+    }
+    ROWS_LOOP res[r] = hsum(acc[r]) - off[r];
+}
+
+static inline __attribute__((always_inline)) void dot_q8_0(const uint8_t *w, const Acts *a, int64_t m, int R,
+                                                            float *res) {
+    __m256 acc[MAX_ROWS];
+    const __m256i ones = _mm256_set1_epi16(1);
+    ROW_POINTERS
+    (void)s16;
+    ROWS_LOOP acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g + 2 <= K / 32; g += 2, w += 68) {  /* K / 32 is even wherever K is a multiple of 64 */
+        float d0 = half(w), d1 = half(w + 34);
+        __m256i v0 = _mm256_loadu_si256((const __m256i *)(w + 2)), v1 = _mm256_loadu_si256((const __m256i *)(w + 36));
+        __m256i u0 = _mm256_abs_epi8(v0), u1 = _mm256_abs_epi8(v1);
+        ROWS_LOOP {  /* signed x signed: |w| times x with w's sign */
+            __m256i x0 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)X(r, g)), v0);
+            __m256i x1 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)X(r, g + 1)), v1);
+            acc[r] = pair(acc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(u0, x0), ones), d0 * STEP(r, g),
+                          _mm256_madd_epi16(_mm256_maddubs_epi16(u1, x1), ones), d1 * STEP(r, g + 1));
+        }
+    }
+    if (K / 32 % 2) {  /* an odd last block: paired with nothing */
+        int64_t g = K / 32 - 1;
+        float d0 = half(w);
+        __m256i v0 = _mm256_loadu_si256((const __m256i *)(w + 2)), u0 = _mm256_abs_epi8(v0);
+        ROWS_LOOP {
+            __m256i x0 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)X(r, g)), v0);
+            acc[r] = pair(acc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(u0, x0), ones), d0 * STEP(r, g),
+                          _mm256_setzero_si256(), 0.0f);
+        }
+    }
+    ROWS_LOOP res[r] = hsum(acc[r]);
+}
+
+/* Q4_0, Q4_1 and Q5_0: 32 weights a block, low nibbles first, then high; Q5_0 adds a fifth bit.
+   Returns the unsigned codes; each weight is code * d + low. */
+static inline __m256i small_codes(const uint8_t *w, int type, int bytes, float *d, float *low) {
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
+    *d = half(w);
+    *low = type == Q4_0 ? -8.0f * *d : type == Q4_1 ? half(w + 2) : -16.0f * *d;
+    __m128i packed = _mm_loadu_si128((const __m128i *)(w + bytes - 16));
+    __m256i u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
+    if (type == Q5_0) {  /* bit j of qh is the fifth bit of weight j */
+        uint32_t qh;
+        memcpy(&qh, w + 2, 4);
+        __m256i bytes_of = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), spread);
+        __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes_of, bit), bit);
+        u = _mm256_or_si256(u, _mm256_and_si256(set, _mm256_set1_epi8(16)));
+    }
+    return u;
+}
+
+static inline __attribute__((always_inline)) void dot_small(const uint8_t *w, int type, const Acts *a, int64_t m,
+                                                             int R, float *res) {
+    __m256 acc[MAX_ROWS];
+    float off[MAX_ROWS];
+    const __m256i ones = _mm256_set1_epi16(1), none = _mm256_setzero_si256();
+    const int bytes = type == Q4_0 ? 18 : type == Q4_1 ? 20 : 22;
+    ROW_POINTERS
+    ROWS_LOOP acc[r] = _mm256_setzero_ps(), off[r] = 0.0f;
+    for (int64_t g = 0; g < K / 32; g += 2, w += 2 * bytes) {
+        int second = g + 1 < K / 32;  /* an odd last block is paired with nothing */
+        float d0, low0, d1 = 0.0f, low1 = 0.0f;
+        __m256i u0 = small_codes(w, type, bytes, &d0, &low0);
+        __m256i u1 = second ? small_codes(w + bytes, type, bytes, &d1, &low1) : none;
+        ROWS_LOOP {
+            __m256i p1 = second ? isum(u1, X(r, g + 1), ones) : none;
+            acc[r] = pair(acc[r], isum(u0, X(r, g), ones), d0 * STEP(r, g), p1, second ? d1 * STEP(r, g + 1) : 0.0f);
+            off[r] += low0 * (SUM16(r, 2 * g) + SUM16(r, 2 * g + 1));
+            if (second) off[r] += low1 * (SUM16(r, 2 * g + 2) + SUM16(r, 2 * g + 3));
+        }
+    }
+    ROWS_LOOP res[r] = hsum(acc[r]) + off[r];
+}
+
+static inline __attribute__((always_inline)) void dot(const uint8_t *w, int type, const Acts *a, int64_t m, int R,
+                                                       float *res) {
+    switch (type) {
+        case Q4_K: dot_q4_k(w, a, m, R, res); break;
+        case Q6_K: dot_q6_k(w, a, m, R, res); break;
+        case Q8_0: dot_q8_0(w, a, m, R, res); break;
+        default: dot_small(w, type, a, m, R, res); break;
+    }
+}
+
+static void dot1(const uint8_t *w, int type, const Acts *a, int64_t m, float *res) { dot(w, type, a, m, 1, res); }
+static void dot4(const uint8_t *w, int type, const Acts *a, int64_t m, float *res) { dot(w, type, a, m, 4, res); }
+
+static inline __m256 load8(const void *x, int bf16, int64_t i) {
+    if (!bf16) return _mm256_loadu_ps((const float *)x + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)x + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* One activation row -> codes, steps and step * (sum of each 16 codes). */
+static void quantize_row(const void *x, int bf16, int64_t K, int8_t *q, float *step, float *sum16) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t b = 0; b < K / 32; b++) {
+        __m256 v[4], amax = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) v[i] = load8(x, bf16, b * 32 + 8 * i), amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        float top = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        float d = top / 127.0f, inv = top > 0.0f ? 127.0f / top : 0.0f;
+        __m256i c[4];
+        for (int i = 0; i < 4; i++) c[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(inv)));
+        __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+        _mm256_storeu_si256((__m256i *)(q + b * 32), _mm256_permutevar8x32_epi32(packed, order));
+        step[b] = d;
+        sum16[2 * b] = d * (float)hsum_i32(_mm256_add_epi32(c[0], c[1]));
+        sum16[2 * b + 1] = d * (float)hsum_i32(_mm256_add_epi32(c[2], c[3]));
+    }
+}
+
+/* One activation row -> codes rounded per 256 (one step each) and the integer sum of each 16 codes. */
+static void quantize_row_k(const void *x, int bf16, int64_t K, int8_t *q, float *step, int32_t *sum16) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t sb = 0; sb < K / 256; sb++) {
+        __m256 amax = _mm256_setzero_ps();
+        for (int i = 0; i < 32; i++) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, load8(x, bf16, sb * 256 + 8 * i)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        float top = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        float inv = top > 0.0f ? 127.0f / top : 0.0f;
+        step[sb] = top / 127.0f;
+        for (int b = 0; b < 8; b++) {
+            __m256i c[4];
+            for (int i = 0; i < 4; i++)
+                c[i] = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x, bf16, sb * 256 + b * 32 + 8 * i), _mm256_set1_ps(inv)));
+            __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+            _mm256_storeu_si256((__m256i *)(q + sb * 256 + b * 32), _mm256_permutevar8x32_epi32(packed, order));
+            sum16[sb * 16 + 2 * b] = hsum_i32(_mm256_add_epi32(c[0], c[1]));
+            sum16[sb * 16 + 2 * b + 1] = hsum_i32(_mm256_add_epi32(c[2], c[3]));
+        }
+    }
+}
+
+static int64_t row_bytes(int type, int64_t K) {
+    switch (type) {
+        case Q4_0: return K / 32 * 18;
+        case Q4_1: return K / 32 * 20;
+        case Q5_0: return K / 32 * 22;
+        case Q8_0: return K / 32 * 34;
+        case Q4_K: return K / 256 * 144;
+        case Q6_K: return K / 256 * 210;
+        default: return -1;
+    }
+}
+
+int medgem_block_row_bytes(int type, int64_t K) { return (int)row_bytes(type, K); }
+
+static inline void store(void *out, int out_f32, int64_t i, float v) {
+    if (out_f32) {
+        ((float *)out)[i] = v;
+        return;
+    }
+    uint32_t bits;
+    memcpy(&bits, &v, 4);
+    bits += 0x7fff + ((bits >> 16) & 1); /* round to nearest even, as PyTorch does */
+    ((uint16_t *)out)[i] = (uint16_t)(bits >> 16);
+}
+
+/* out[M, N] = x[M, K] @ W.T, W the segments' rows stacked (N = sum of rows). x is bf16 or float32,
+   out float32 or bf16. Returns 0, -1 when out of memory, -2 for a type or K the kernel cannot take. */
+int medgem_block_linear(const void *x, int x_bf16, int64_t M, int64_t K, int nseg, const int64_t *weights,
+                        const int64_t *rows, const int32_t *types, void *out, int out_f32, int threads) {
+    int64_t N = 0;
+    int blocks32 = 0, blocks256 = 0;  /* which activation forms the segments need */
+    if (K % 32) return -2;
+    for (int s = 0; s < nseg; s++) {
+        int k_quant = types[s] == Q4_K || types[s] == Q6_K;
+        if (row_bytes(types[s], K) < 0 || (k_quant && K % 256)) return -2;
+        blocks256 |= k_quant, blocks32 |= !k_quant;
+        N += rows[s];
+    }
+    int64_t chunk = CHUNK_BYTES / K < MAX_ROWS ? MAX_ROWS : CHUNK_BYTES / K / MAX_ROWS * MAX_ROWS;
+    if (chunk > M) chunk = M;
+    int8_t *q = malloc((size_t)(chunk * K)), *qk = malloc((size_t)(chunk * K));
+    float *step = malloc(sizeof(float) * (size_t)(chunk * (K / 32)));
+    float *sum16 = malloc(sizeof(float) * (size_t)(chunk * (K / 16)));
+    float *stepk = malloc(sizeof(float) * (size_t)(chunk * (K / 256) + 1));
+    int32_t *isum16 = malloc(sizeof(int32_t) * (size_t)(chunk * (K / 16)));
+    if (!q || !qk || !step || !sum16 || !stepk || !isum16) {
+        free(q), free(qk), free(step), free(sum16), free(stepk), free(isum16);
+        return -1;
+    }
+    Acts acts = {q, step, sum16, qk, stepk, isum16, K};
+    const size_t item = x_bf16 ? 2 : 4;
+#pragma omp parallel num_threads(threads)
+    for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+        int64_t mc = M - m0 < chunk ? M - m0 : chunk;
+        const char *xs = (const char *)x + (size_t)(m0 * K) * item;
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < mc; m++) {
+            const char *row = xs + (size_t)(m * K) * item;
+            if (blocks32) quantize_row(row, x_bf16, K, q + m * K, step + m * (K / 32), sum16 + m * (K / 16));
+            if (blocks256) quantize_row_k(row, x_bf16, K, qk + m * K, stepk + m * (K / 256), isum16 + m * (K / 16));
+        }
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            int s = 0;
+            int64_t local = n;
+            while (local >= rows[s]) local -= rows[s++];
+            const uint8_t *w = (const uint8_t *)weights[s] + local * row_bytes(types[s], K);
+            float res[MAX_ROWS];
+            int64_t m = 0;
+            for (; m + 4 <= mc; m += 4) {
+                dot4(w, types[s], &acts, m, res);
+                for (int r = 0; r < 4; r++) store(out, out_f32, (m0 + m + r) * N + n, res[r]);
+            }
+            for (; m < mc; m++) {
+                dot1(w, types[s], &acts, m, res);
+                store(out, out_f32, (m0 + m) * N + n, res[0]);
+            }
+        }
+    }
+    free(q), free(qk), free(step), free(sum16), free(stepk), free(isum16);
+    return 0;
+}
