@@ -57,8 +57,7 @@ def prompt_ids(n: int) -> list[int]:
 
 def run_medgem(mode: str, ids: list[int], new: int, runs: int) -> dict:
     import medgem  # noqa: I001 (before torch, as in the CLI: it sets PyTorch's allocation defaults)
-    from medgem.bench import measure, timed_generation
-    from medgem.engine import vnni
+    from medgem.bench import measure, quantized_kernel, timed_generation
     from medgem.engine.sampling import SamplingParams
     import torch
 
@@ -84,7 +83,7 @@ def run_medgem(mode: str, ids: list[int], new: int, runs: int) -> dict:
         compile_s = round(time.perf_counter() - start, 1)
     result = measure(once, load_s, len(ids), runs)
     if quant != "none":
-        result["int8_kernel"] = vnni.kernel_name()
+        result["kernel"] = quantized_kernel(pipe.model)
     if compiled:
         result["first_run_with_compiling_s"] = compile_s
     if PROFILE:

@@ -12,7 +12,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-from medgem.engine import vnni
+from medgem.engine import blocks, vnni
 from medgem.engine.sampling import SamplingParams
 from medgem.errors import InputError
 
@@ -87,6 +87,18 @@ def timed_generation(pipe, ids: list[int], new_tokens: int) -> Callable[[], Samp
     return once
 
 
+def quantized_kernel(model) -> str:
+    """Which kernel a quantized model's matmuls run on here, for reports."""
+    from medgem.engine.blocks import BlockLinear
+    from medgem.engine.quant import Int8Linear
+
+    if any(isinstance(m, BlockLinear) for m in model.modules()):
+        return blocks.kernel_name()
+    if any(isinstance(m, Int8Linear) and m.vnni for m in model.modules()):
+        return vnni.kernel_name()
+    return "PyTorch _weight_int8pack_mm / _weight_int4pack_mm"
+
+
 def bench_pipeline(pipe, prompt_tokens: int = 128, new_tokens: int = 128, runs: int = 3) -> dict:
     """Prefill/decode speed, load time and peak RSS of a loaded pipeline (see the module docstring)."""
     check_sizes(prompt_tokens, new_tokens, runs)
@@ -103,7 +115,7 @@ def bench_pipeline(pipe, prompt_tokens: int = 128, new_tokens: int = 128, runs: 
     result = measure(once, pipe.load_seconds, len(ids), runs)
     text_model = getattr(pipe.model, "language_model", pipe.model)
     if getattr(text_model, "quantization", "none") != "none":
-        result["int8_kernel"] = vnni.kernel_name()
+        result["kernel"] = quantized_kernel(text_model)
     if first is not None:
         result["first_run_with_compiling_s"] = first
     return {"prompt_tokens": len(ids), **result}

@@ -29,7 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         importlib.import_module(f"medgem.cli.{name}").register(sub)
+    _add_threads(sub)
     return parser
+
+
+def _add_threads(subparsers: argparse._SubParsersAction) -> None:
+    """`--threads` on every command, however deeply nested (`medgem dicom info --threads 1`)."""
+    for command in subparsers.choices.values():
+        nested = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
+        for group in nested:
+            _add_threads(group)
+        if not nested and "--threads" not in command._option_string_actions:
+            command.add_argument("--threads", type=int, default=None,
+                                 help="CPU threads for the model's kernels (default: the physical cores)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        from medgem import threads
+
+        threads.configure(getattr(args, "threads", None))
         return int(args.func(args) or 0)
     except MedgemError as exc:
         if debug:

@@ -26,7 +26,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the result as JSON")
     parser.set_defaults(func=run)
 
@@ -39,8 +38,6 @@ def run(args: argparse.Namespace) -> int:
 
     print_notice()
     check_sizes(args.prompt_tokens, args.new_tokens, args.runs)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     pipe = load_from_args(args)
     text = getattr(pipe.model, "language_model", pipe.model)
     result = {

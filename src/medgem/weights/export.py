@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -235,6 +236,23 @@ def _write(writer, tensors: dict[str, tuple[np.ndarray, Any]]) -> None:
     writer.close()
 
 
+def _write_streamed(writer, tensors: dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]],
+                    tensor_type: str) -> None:
+    """Tensor infos first, then each tensor made, converted and written in turn, so only one is in
+    memory at a time (a 27B model does not fit as a dense whole)."""
+    for name, (shape, _) in tensors.items():  # bytes per row from one converted row of zeros
+        row, raw_dtype = _gguf_array(torch.zeros(shape[-1] if len(shape) == 1 else (1, shape[-1])), tensor_type)
+        rows = 1 if len(shape) == 1 else shape[0]
+        writer.add_tensor_info(name, shape, row.dtype if raw_dtype is None else np.float32, row.nbytes * rows,
+                               raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for _, make in tensors.values():
+        writer.write_tensor_data(_gguf_array(make(), tensor_type)[0])
+    writer.close()
+
+
 def gguf_text_name(key: str) -> str:
     """llama.cpp's tensor name for one of our text keys (`layers.3.mlp.up_proj.weight` -> `blk.3.ffn_up.weight`)."""
     stem, kind = key.rsplit(".", 1)
@@ -247,12 +265,22 @@ def gguf_text_name(key: str) -> str:
 def export_gguf(model: torch.nn.Module, path: str | Path, source: str | Path, tensor_type: str = "f16",
                 name: str = "medgem fine-tune") -> Path:
     """The text model as a llama.cpp GGUF (architecture gemma3); the vocabulary comes from `source`."""
+    _check_plain(model)
+    text, cfg = _text_parts(model)
+    state = _plain_state(text, None)
+    tensors = {key: (tuple(value.shape), lambda value=value: value) for key, value in state.items()}
+    return export_gguf_tensors(cfg, tensors, path, source, tensor_type, name)
+
+
+def export_gguf_tensors(cfg: TextConfig, tensors: dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]],
+                        path: str | Path, source: str | Path, tensor_type: str = "f16",
+                        name: str = "medgem fine-tune") -> Path:
+    """A llama.cpp GGUF from our text keys -> (shape, a function that makes the tensor), written one tensor
+    at a time: models larger than memory (random-weight 27B checkpoints for benchmarks) stream to disk."""
     import gguf
 
     if tensor_type not in GGUF_TYPES:
         raise InputError(f"unknown GGUF tensor type {tensor_type!r}; choose one of {', '.join(GGUF_TYPES)}")
-    _check_plain(model)
-    text, cfg = _text_parts(model)
     vocab = gguf_vocab(source)
     n_tokens = len(vocab["tokens"])
     if n_tokens > cfg.vocab_size:
@@ -295,14 +323,14 @@ def export_gguf(model: torch.nn.Module, path: str | Path, source: str | Path, te
     writer.add_pad_token_id(vocab["pad"])
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
-    tensors = {}
-    for key, value in _plain_state(text, None).items():
-        if key == "embed_tokens.weight":
-            value = value[:n_tokens]  # rows past the tokenizer (image tokens) are not text
+    stored = {}
+    for key, (shape, make) in tensors.items():
+        if key == "embed_tokens.weight":  # rows past the tokenizer (image tokens) are not text
+            shape, make = (n_tokens, *shape[1:]), lambda make=make: make()[:n_tokens]
         if key.endswith("norm.weight"):
-            value = value.float() + 1.0
-        tensors[gguf_text_name(key)] = _gguf_array(value, tensor_type)
-    _write(writer, tensors)
+            make = lambda make=make: make().float() + 1.0  # noqa: E731 - bound per key
+        stored[gguf_text_name(key)] = (shape, make)
+    _write_streamed(writer, stored, tensor_type)
     tmp.replace(path)
     return path
 
