@@ -55,6 +55,7 @@ def _read_bytes(src: str | os.PathLike[str], limit: int = -1) -> bytes:
         raise InputError(
             f"{name} is a folder; pass one image file (a series folder needs load_images_from_path)"
         )
+    dicom.check_regular_file(src)
     try:
         with Path(src).open("rb") as file:
             return file.read(limit)
