@@ -227,8 +227,6 @@ def create_app(settings: ServeSettings | None = None, pipe: Pipeline | None = No
     background, when pipe is None."""
     settings = settings or ServeSettings()
     rt = Runtime(settings)
-    # Pillow's own bomb check (DecompressionBombError past twice this) follows this server's limit.
-    Image.MAX_IMAGE_PIXELS = settings.limits.max_image_pixels
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -296,6 +294,9 @@ def warn_if_exposed(settings: ServeSettings) -> None:
 def run(settings: ServeSettings) -> None:
     """Load the models in the background and serve until SIGTERM/SIGINT (blocking)."""
     warn_if_exposed(settings)
+    # Pillow's own bomb check (DecompressionBombError past twice this) follows this server's limit. Set
+    # here, not in create_app: it is process-wide, and tests run servers with other limits side by side.
+    Image.MAX_IMAGE_PIXELS = settings.limits.max_image_pixels
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
                             access_log=False, timeout_graceful_shutdown=int(settings.drain_seconds))
