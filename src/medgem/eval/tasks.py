@@ -88,8 +88,6 @@ def _need(record: dict[str, Any], key: str, where: str) -> Any:
 
 
 def _read_text(path: Path) -> str:
-    if path.exists():
-        check_regular_file(path)  # a FIFO would block the read forever
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -381,6 +379,7 @@ def load_task(name: str, data: str | Path) -> Task:
     if name not in READERS:
         raise InputError(f"unknown task '{name}'; choose one of {', '.join(READERS)}")
     path = BUILTIN.get(str(data), Path(data))
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"data file not found: {path}")
+    check_regular_file(path)  # a FIFO would block the read forever
     return READERS[name](path)

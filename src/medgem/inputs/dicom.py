@@ -127,6 +127,8 @@ def read_dicom(src: DicomSource, *, pixels: bool = True, max_inflated: int = MAX
     name = source_name(src)
     if isinstance(src, str | os.PathLike):
         check_regular_file(src)
+        with open(src, "rb") as f:
+            _refuse_deflate_bomb(f, name, max_inflated)
     fp: Any = io.BytesIO(src) if isinstance(src, bytes) else src
     with quiet_pydicom():
         _refuse_deflate_bomb(fp, name, max_inflated)

@@ -115,7 +115,7 @@ def iter_raw(path: str | Path) -> Iterator[tuple[str, Any, str]]:
         found = sorted(p for p in path.iterdir() if p.name.endswith(NDJSON_SUFFIXES))
         files = [p for p in found if p.is_file()]  # a FIFO would block the open forever
         if len(files) < len(found):
-            log.warning("%d entr(ies) that are not regular files skipped", len(found) - len(files))
+            log.warning("%d non-regular file(s) (pipes, sockets, devices) skipped", len(found) - len(files))
         if not files:
             raise InputError(f"{path.name}: folder holds no .ndjson files (expected a Bulk Data export)")
         for file in files:

@@ -101,6 +101,8 @@ def _looks_like_raster(data: bytes) -> bool:
     try:
         with Image.open(io.BytesIO(data)):
             return True
+    except Image.DecompressionBombError:  # a raster, and too large: _open_raster says so
+        return True
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         return False
 

@@ -111,8 +111,7 @@ def walk(root: str | os.PathLike[str]) -> list[Path]:
             elif sniff(path):
                 found.append(path.resolve())
     if special:
-        logger.warning("%d entr%s that are not regular files (pipes, sockets, devices) skipped", special,
-                       "y" if special == 1 else "ies")
+        logger.warning("%d non-regular file(s) (pipes, sockets, devices) skipped", special)
     if undecodable:
         logger.warning("%d file(s) whose path is not valid UTF-8 skipped; rename them to index them", undecodable)
     return found
