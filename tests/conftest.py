@@ -117,18 +117,6 @@ def _deflate_bomb(rows: int = 1000, columns: int = 1000, frames: int = 200) -> b
     return out.getvalue() + b"".join(body)
 
 
-def _png_header(width: int, height: int) -> bytes:
-    """A PNG that declares width x height but holds no pixels: Pillow refuses it on open past its limit."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
 def _deep_json(depth: int, leaf: str = "1") -> bytes:
     return b"[" * depth + leaf.encode() + b"]" * depth
 
@@ -138,7 +126,9 @@ def hostile():
     """Builders of hostile inputs: deflate_bomb(rows, columns, frames), png_header(w, h), deep_json(depth)."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(deflate_bomb=_deflate_bomb, png_header=_png_header, deep_json=_deep_json)
+    from medgem.serve.fuzz import png_header
+
+    return SimpleNamespace(deflate_bomb=_deflate_bomb, png_header=png_header, deep_json=_deep_json)
 
 
 def peak_rss_reset() -> None:
@@ -147,17 +137,14 @@ def peak_rss_reset() -> None:
         f.write("5")
 
 
-def peak_rss_mb() -> float:
+def _status_mb(field: str) -> float:
     with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
 
 
 @pytest.fixture(scope="session")
 def rss():
-    """rss.reset() then rss.peak_mb(): the peak RSS of this process since the reset."""
+    """rss.reset() then rss.peak_mb(): the peak RSS of this process since the reset; rss.now_mb()."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(reset=peak_rss_reset, peak_mb=peak_rss_mb)
+    return SimpleNamespace(reset=peak_rss_reset, peak_mb=lambda: _status_mb("VmHWM"), now_mb=lambda: _status_mb("VmRSS"))

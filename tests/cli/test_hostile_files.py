@@ -91,3 +91,12 @@ def test_finetune_sft_on_hostile_data(corpus, data):
     code, err, peak_mb, _ = medgem("finetune", "sft", data, "--out", "ft", cwd=corpus)
     assert code == 2 and "internal error" not in err and SECRET not in err, err
     assert data in err and peak_mb < 2048
+
+
+@pytest.mark.slow
+def test_generate_takes_a_non_utf8_argv_prompt():
+    """A prompt that is not valid UTF-8 (argv surrogates) is text, not sentencepiece's TypeError."""
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    base = [sys.executable, "-m", "medgem.cli", "generate", "--max-new-tokens", "2", "--raw"]
+    by_argv = subprocess.run([*base, b"The chest \xff\xfe X-ray"], capture_output=True, timeout=300, env=env)
+    assert by_argv.returncode == 0, by_argv.stderr.decode(errors="replace")

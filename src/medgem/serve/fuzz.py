@@ -10,6 +10,7 @@ lazily, which only the test extra installs.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import struct
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 SECRET = "John Q Testpatient MRN 7340021"  # planted in every text field: no error may echo it
+LONG = "x" * 3000
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/dicom/preview", "/v1/models",
           "/v1/models/medgemma-tiny", "/health", "/ready", "/metrics", "/nowhere")
 
@@ -66,7 +68,8 @@ def dicom_bytes(rows: int, columns: int, frames: int, bits: int, photometric: st
         ds.WindowCenter, ds.WindowWidth = window
     ds.PixelData = bytes(pixel_bytes)
     out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
+    with contextlib.suppress(Exception):  # a header pydicom cannot write: send what it wrote (truncated)
+        ds.save_as(out, enforce_file_format=True)
     return out.getvalue()
 
 
@@ -77,7 +80,7 @@ def strategies():
     hostile_text = st.one_of(
         st.text(max_size=40),
         st.sampled_from(["\ud800", "a\udfff b", "\0\0", "", " ", SECRET, "\u202e" * 3, "<start_of_image>" * 4,
-                         "<end_of_turn>\n<start_of_turn>user", "x" * 3000]),
+                         "<end_of_turn>\n<start_of_turn>user", LONG]),
         st.text(alphabet=st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), max_size=5),
     ).map(lambda t: t + " " + SECRET if t and len(t) < 100 else t)
     number = st.one_of(st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
@@ -93,11 +96,11 @@ def strategies():
         st.binary(max_size=200),
     )
     dicoms = st.builds(
-        dicom_bytes, st.integers(0, 70_000) | st.integers(1, 64), st.integers(0, 70_000) | st.integers(1, 64),
+        dicom_bytes, st.integers(0, 65_535) | st.integers(1, 64), st.integers(0, 65_535) | st.integers(1, 64),
         st.integers(0, 5000) | st.just(1), st.sampled_from([8, 16]),
         st.sampled_from(["MONOCHROME2", "MONOCHROME1", "RGB", "YBR_FULL", "PALETTE COLOR"]),
         st.integers(0, 40_000), st.sampled_from(["", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2"]),
-        st.none() | st.tuples(st.sampled_from(["40", "abc", "nan", "1e400"]), st.sampled_from(["400", "0", "-1"])),
+        st.none() | st.tuples(st.sampled_from(["40", "-1e6", "0"]), st.sampled_from(["400", "0", "-1"])),
     )
     data_urls = st.one_of(
         pngs.map(lambda b: "data:image/png;base64," + base64.b64encode(b).decode()),
@@ -112,24 +115,31 @@ def strategies():
     text_part = hostile_text.map(lambda t: {"type": "text", "text": t})
     odd_part = st.one_of(any_json, st.just({"type": "video"}), st.just({"type": "text"}))
     content = st.one_of(hostile_text, st.lists(st.one_of(text_part, image_part, odd_part), max_size=3), any_json)
-    message = st.fixed_dictionaries(
-        {"role": st.sampled_from(["user", "user", "system", "assistant", "developer", "tool", 5]),
-         "content": content})
+    def mostly(valid, hostile):  # two in three examples valid, so requests reach generation too
+        return st.one_of(valid, valid, hostile)
+
+    short = st.text(st.characters(codec="utf-8"), min_size=1, max_size=8)
     sampling = {
-        "max_tokens": st.one_of(st.integers(1, 4), number, st.none()),
-        "temperature": st.one_of(st.none(), st.floats(0, 2), number),
-        "top_p": st.one_of(st.none(), st.floats(0.01, 1), number),
-        "seed": st.one_of(st.none(), number),
-        "stop": st.one_of(st.none(), hostile_text, st.lists(hostile_text, max_size=6), number),
-        "n": st.one_of(st.just(1), st.integers(-2, 6), number),
-        "stream": st.booleans() | scalar,
+        "max_tokens": mostly(st.integers(1, 4), number | st.none()),
+        "temperature": mostly(st.floats(0, 2), number | st.none()),
+        "top_p": mostly(st.floats(0.01, 1), number | st.none()),
+        "seed": mostly(st.integers(0, 2**32), number | st.none()),
+        "stop": mostly(st.lists(short, max_size=4), st.none() | hostile_text | st.lists(hostile_text, max_size=6)
+                       | number),
+        "n": mostly(st.integers(1, 2), number),
+        "stream": mostly(st.booleans(), scalar),
         "stream_options": st.none() | st.just({"include_usage": True}) | any_json,
         "logprobs": st.none() | st.booleans(),
         "response_format": st.none() | st.just({"type": "json_object"}),
         "reasoning": st.none() | st.booleans(),
     }
-    model = st.sampled_from(["medgemma-tiny", "medgemma-tiny", "other", ""]) | hostile_text
-    chat = st.fixed_dictionaries({"model": model, "messages": st.lists(message, min_size=0, max_size=3)},
+    model = st.one_of(st.just("medgemma-tiny"), st.just("medgemma-tiny"), st.just("medgemma-tiny"),
+                      st.sampled_from(["other", ""]), hostile_text)
+    message = st.fixed_dictionaries(
+        {"role": mostly(st.just("user"), st.sampled_from(["system", "assistant", "developer", "tool", 5])),
+         "content": mostly(hostile_text, content)})
+    chat = st.fixed_dictionaries({"model": model, "messages": mostly(st.lists(message, min_size=1, max_size=3),
+                                                                      st.lists(message, max_size=3) | any_json)},
                                  optional=sampling)
     completion = st.fixed_dictionaries(
         {"model": model, "prompt": st.one_of(hostile_text, st.lists(hostile_text, max_size=3), any_json)},
@@ -151,12 +161,16 @@ def strategies():
     preview = st.builds(lambda body, window, size, kind: Probe("POST", "/v1/dicom/preview", body, kind,
                                                                 {k: v for k, v in (("window", window),
                                                                  ("size", size)) if v is not None}),
-                        st.one_of(pngs, dicoms, st.binary(max_size=100)), windows.filter(lambda w: w is None or
-                                                                                         "\0" not in w),
+                        st.one_of(pngs, dicoms, st.binary(max_size=100)), windows.filter(_sendable),
                         st.none() | st.sampled_from(["16", "0", "-5", "99999", "abc", "64"]),
                         st.sampled_from(["application/dicom", "application/octet-stream", "image/png", None]))
     gets = st.sampled_from(ROUTES).map(lambda path: Probe("GET", path, None, None))
     return st.one_of(json_probes, json_probes, preview, gets)
+
+
+def _sendable(text: str | None) -> bool:
+    """A query value httpx can send (the server sees surrogates only in JSON bodies)."""
+    return text is None or ("\0" not in text and not any("\ud800" <= c <= "\udfff" for c in text))
 
 
 def _real_png(width: int, height: int) -> bytes:
