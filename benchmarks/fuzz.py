@@ -83,8 +83,8 @@ def main() -> int:
             statuses[response.status_code] += 1
             routes[p.path] += 1
             problem = check(response.status_code, dict(response.headers), response.text)
-            if problem:
-                failures.append(f"{p.method} {p.path}: {problem}")
+            if problem:  # a 500's message names the exception type and request id, never content
+                failures.append(f"{p.method} {p.path}: {problem}: {response.text[:200]}")
             done = sum(statuses.values())
             if done % args.every == 0:
                 curve.append((done, proc.memory_info().rss / 2**20))

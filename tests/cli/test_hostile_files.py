@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 from pydicom.data import get_testdata_file
 
-SRC = str(Path(__file__).resolve().parents[2] / "src")
+import medgem
+
+SRC = str(Path(medgem.__file__).resolve().parents[1])  # children run the medgem this test imported
 SECRET = "Testpatient"
 CAP = 6 << 30  # address space: torch reserves more than it touches; RSS is checked below
 

@@ -232,3 +232,12 @@ def test_request_timeout_is_504(serve, tiny_pipe):
         assert streamed.text.endswith("data: [DONE]\n\n") and "request_timeout" in streamed.text
         assert client.get("/health").status_code == 200
         assert json.loads(client.post("/v1/completions", json={**body, "max_tokens": 1}).text)["choices"]
+
+
+def test_pixel_data_that_contradicts_its_header_is_400(http):
+    """Found by benchmarks/fuzz.py: an RGB header over 8 bytes of 1 x 1 pixel data made Pillow raise TypeError (500)."""
+    from medgem.serve.fuzz import dicom_bytes
+
+    body = dicom_bytes(1, 1, 1, 8, "RGB", 8, "", None)
+    error = openai_error(http.post("/v1/dicom/preview", content=body), 400, "image")
+    assert "does not match its header" in error["message"]

@@ -429,6 +429,11 @@ def _reorient(unit: np.ndarray, ds: Dataset) -> np.ndarray:
 
 def _to_image(unit: np.ndarray, size: int | None) -> Image.Image:
     pixels = np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
+    if pixels.ndim == 3 and pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    if not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[-1] == 3)):  # found by the fuzz suite
+        raise InputError("the DICOM pixel data does not match its header (samples per pixel / photometric "
+                         "interpretation)")
     image = Image.fromarray(pixels).convert("RGB")
     if size:
         image.thumbnail((size, size), Image.Resampling.LANCZOS)
