@@ -160,20 +160,22 @@ def boundary(app, rt: Runtime):
                                 for k, v in message.get("headers", []))
             await send(message)
 
+        limited = bool(timeout) and scope["path"] in _GENERATION
         try:
-            if timeout and scope["path"] in _GENERATION:
+            if limited:
                 await asyncio.wait_for(app(scope, receive, tracked), timeout)
             else:
                 await app(scope, receive, tracked)
             return
-        except TimeoutError:
-            status, message, code, headers = 504, (f"the request took longer than this server's limit of "
-                                                   f"{timeout:g} s"), "request_timeout", {}
         except Exception as exc:  # noqa: BLE001 - the one place a bug is turned into an answer
-            rid = errors.log_internal(scope["path"], exc, rt.settings.debug)
-            status, message, code = 500, f"internal server error ({type(exc).__name__}); request id {rid}", \
-                "internal_error"
-            headers = {"X-Request-Id": rid}
+            if limited and isinstance(exc, TimeoutError):
+                status, message, code, headers = 504, (f"the request took longer than this server's limit of "
+                                                       f"{timeout:g} s"), "request_timeout", {}
+            else:
+                rid = errors.log_internal(scope["path"], exc, rt.settings.debug)
+                status, message, code = 500, f"internal server error ({type(exc).__name__}); request id {rid}", \
+                    "internal_error"
+                headers = {"X-Request-Id": rid}
         if not started:
             return await _send_error(send, status, message, code, headers)
         if streaming:  # the headers went out: end the stream the way every stream ends
