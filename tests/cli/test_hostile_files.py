@@ -22,6 +22,12 @@ SECRET = "Testpatient"
 CAP = 6 << 30  # address space: torch reserves more than it touches; RSS is checked below
 
 
+# The child reports its own peak RSS at exit (RUSAGE_CHILDREN would be the largest child of the whole run).
+_RUN = ("import atexit, resource, sys; atexit.register(lambda: sys.stderr.write("
+        "'\\nPEAK_KB %d\\n' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)); "
+        "from medgem.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
 def medgem(*argv: str, cwd: Path) -> tuple[int, str, float, float]:
     """(exit code, stderr, peak RSS in MB, seconds) of `medgem ARGV` in a capped child process."""
     def cap() -> None:
@@ -29,7 +35,7 @@ def medgem(*argv: str, cwd: Path) -> tuple[int, str, float, float]:
 
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     started = time.monotonic()
-    child = subprocess.Popen([sys.executable, "-m", "medgem.cli", *argv], cwd=cwd, env=env, preexec_fn=cap,
+    child = subprocess.Popen([sys.executable, "-c", _RUN, *argv], cwd=cwd, env=env, preexec_fn=cap,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         _, err = child.communicate(timeout=60)
@@ -37,8 +43,8 @@ def medgem(*argv: str, cwd: Path) -> tuple[int, str, float, float]:
         child.kill()
         child.communicate()
         pytest.fail(f"medgem {' '.join(argv)} ran past 60 s")
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # the largest child so far: an upper bound
-    return child.returncode, err, usage.ru_maxrss / 1024, time.monotonic() - started
+    err, _, peak = err.rpartition("\nPEAK_KB ")
+    return child.returncode, err, int(peak.split()[0]) / 1024, time.monotonic() - started
 
 
 @pytest.fixture(scope="module")
