@@ -22,9 +22,10 @@ SECRET = "Testpatient"
 CAP = 6 << 30  # address space: torch reserves more than it touches; RSS is checked below
 
 
-# The child reports its own peak RSS at exit (RUSAGE_CHILDREN would be the largest child of the whole run).
-_RUN = ("import atexit, resource, sys; atexit.register(lambda: sys.stderr.write("
-        "'\\nPEAK_KB %d\\n' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)); "
+# The child reports its own peak RSS at exit: VmHWM belongs to the exec'd image (ru_maxrss survives fork
+# and exec, so it would report the test process's own peak; RUSAGE_CHILDREN, the largest child of the run).
+_RUN = ("import atexit, sys; atexit.register(lambda: sys.stderr.write('\\nPEAK_KB %s\\n' % next("
+        "line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:')))); "
         "from medgem.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
