@@ -81,3 +81,70 @@ def tiny_medgemma(tmp_path_factory, real_pipe):
         {"image_processor_type": "Gemma3ImageProcessor", "size": {"height": 28, "width": 28}, "resample": 2,
          "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
     return folder
+
+
+# -- hostile inputs shared by the server and CLI tests (issue 21) ---------------------------------------
+def _deflate_bomb(rows: int = 1000, columns: int = 1000, frames: int = 200) -> bytes:
+    """A Deflated Explicit VR Little Endian DICOM of zero pixels: ~rows*columns*frames bytes inflated,
+    a thousandth of that on disk. Streamed through zlib so the builder itself stays small."""
+    import struct
+    import zlib
+
+    from pydicom.data import get_testdata_file
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import dcmread
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    del ds.PixelData
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, columns, frames
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    head = DicomBytesIO()
+    head.is_little_endian, head.is_implicit_VR = True, False
+    write_dataset(head, ds)
+    out = DicomBytesIO()
+    out.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(out, ds.file_meta, enforce_standard=True)
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    n = rows * columns * frames
+    body = [packer.compress(head.getvalue() + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, n))]
+    zeros = bytes(1 << 22)
+    for start in range(0, n, len(zeros)):
+        body.append(packer.compress(zeros[: min(len(zeros), n - start)]))
+    body.append(packer.flush())
+    return out.getvalue() + b"".join(body)
+
+
+def _deep_json(depth: int, leaf: str = "1") -> bytes:
+    return b"[" * depth + leaf.encode() + b"]" * depth
+
+
+@pytest.fixture(scope="session")
+def hostile():
+    """Builders of hostile inputs: deflate_bomb(rows, columns, frames), png_header(w, h), deep_json(depth)."""
+    from types import SimpleNamespace
+
+    from medgem.serve.fuzz import png_header
+
+    return SimpleNamespace(deflate_bomb=_deflate_bomb, png_header=png_header, deep_json=_deep_json)
+
+
+def peak_rss_reset() -> None:
+    """Reset this process's peak RSS (VmHWM) so a test can measure its own peak."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
+
+
+@pytest.fixture(scope="session")
+def rss():
+    """rss.reset() then rss.peak_mb(): the peak RSS of this process since the reset; rss.now_mb()."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(reset=peak_rss_reset, peak_mb=lambda: _status_mb("VmHWM"), now_mb=lambda: _status_mb("VmRSS"))

@@ -137,7 +137,7 @@ def _first(data, kind):
         ('{"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Patient", "id": "a"', "not JSON"),
         ('{"hello": "world"}', "JSON but not FHIR"),
         ("[1, 2, 3]", "JSON but not FHIR"),
-        ('{"resourceType": "Patient", "id": "p1"}', "wrong resourceType 'Patient' at top level; expected a Bundle"),
+        ('{"resourceType": "Patient", "id": "p1"}', "the top-level resourceType is not Bundle; expected a Bundle"),
     ],
 )
 def test_bad_files_are_clear_errors(tmp_path, content, message):

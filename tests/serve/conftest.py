@@ -31,10 +31,13 @@ def _free_port() -> int:
 
 
 @contextmanager
-def running(pipe, settings: ServeSettings | None = None, embedder=None) -> Iterator[str]:
-    """`create_app(settings, pipe, embedder)` served by uvicorn in a thread; yields its base URL."""
+def running(pipe, settings: ServeSettings | None = None, embedder=None, prepare=None) -> Iterator[str]:
+    """`create_app(settings, pipe, embedder)` served by uvicorn in a thread; yields its base URL.
+    `prepare(app)` may add routes first (the error-boundary tests add one with a real bug)."""
     settings = replace(settings or ServeSettings(limits=TEST_LIMITS), port=_free_port())
     app = create_app(settings, pipe, embedder)
+    if prepare is not None:
+        prepare(app)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

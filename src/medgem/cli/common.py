@@ -9,6 +9,23 @@ import sys
 from medgem.notice import NOTICE
 
 
+def int_at_least(low: int):
+    """An argparse type for counts and sizes: below `low` is refused with exit 2 (--size 0 gave a blank image)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("must be a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model / --dtype / --device, defaulting to the embedded model and MEDGEM_* variables."""
     parser.add_argument(

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from medgem.cli.common import print_notice
+from medgem.cli.common import int_at_least, positive_int, print_notice
 from medgem.errors import InputError
 from medgem.inputs.deid import safe_summary
 from medgem.inputs.dicom import DEFAULT_SLICES, WINDOW_PRESETS, read_dicom, read_series
@@ -56,16 +56,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     preview.add_argument("path", metavar="FILE_OR_DIR", help="DICOM/PNG/JPEG file or a series folder")
     preview.add_argument("-o", "--output", required=True, type=Path, help="PNG file to write")
     preview.add_argument("--window", default=None, help=_WINDOW_HELP)
-    preview.add_argument("--frame", type=int, default=None, help="one frame of a multi-frame file (from 0)")
+    preview.add_argument("--frame", type=int_at_least(0), default=None, help="one frame of a multi-frame file (from 0)")
     preview.add_argument(
         "--slices",
-        type=int,
+        type=positive_int,
         default=None,
         help=f"evenly spaced slices/frames to show (default {DEFAULT_SLICES}; any number)",
     )
     preview.add_argument(
         "--size",
-        type=int,
+        type=positive_int,
         default=None,
         help=f"longest side of a single image, or of each sheet tile (default: native, "
         f"or {_SHEET_TILE} on a sheet)",

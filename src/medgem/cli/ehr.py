@@ -15,6 +15,7 @@ from pathlib import Path
 
 from medgem.cli.common import add_model_args, load_from_args, print_notice
 from medgem.errors import InputError
+from medgem.inputs.text import check_depth, read_text
 
 DEFAULT_BUDGET = 2000
 
@@ -180,23 +181,25 @@ def run_ask(args: argparse.Namespace) -> int:
 
 
 def _read_qa(path: Path, limit: int | None) -> list[dict]:
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"--qa {path.name}: no such file")
     items = []
-    with path.open() as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError:
-                raise InputError(f"{path.name} line {number}: not JSON") from None
-            missing = {"bundle", "question", "answer", "answer_type"} - set(item)
-            if missing:
-                raise InputError(f"{path.name} line {number}: missing {', '.join(sorted(missing))}")
-            items.append(item)
-            if limit is not None and len(items) >= limit:
-                break
+    for number, line in enumerate(read_text(path, f"--qa {path.name}").splitlines(), 1):
+        if not line.strip():
+            continue
+        check_depth(line, f"{path.name} line {number}")
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            raise InputError(f"{path.name} line {number}: not JSON") from None
+        if not isinstance(item, dict):
+            raise InputError(f"{path.name} line {number}: expected a JSON object")
+        missing = {"bundle", "question", "answer", "answer_type"} - set(item)
+        if missing:
+            raise InputError(f"{path.name} line {number}: missing {', '.join(sorted(missing))}")
+        items.append(item)
+        if limit is not None and len(items) >= limit:
+            break
     if not items:
         raise InputError(f"{path.name}: no QA items")
     return items

@@ -10,6 +10,7 @@ from typing import Any
 
 from medgem.cli.common import add_model_args, load_from_args, print_notice
 from medgem.errors import InputError
+from medgem.inputs.text import clean_text
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -86,7 +87,10 @@ def _stream(pipe, prompt, args, raw: bool) -> str:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    # Text enters here: argv may carry surrogates (non-UTF-8 bytes) and stdin any bytes; both become text
+    # the tokenizer takes (sentencepiece raises TypeError on a lone surrogate).
+    prompt = clean_text(sys.stdin.buffer.read().decode("utf-8", "replace") if args.prompt == "-" else args.prompt)
+    args.system = clean_text(args.system) if args.system else args.system
     if not prompt.strip():
         raise InputError("prompt is empty")
     validate_sampling(args)

@@ -28,6 +28,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("MEDGEM_PORT", "8000")))
     parser.add_argument("--api-key", action="append", default=None, metavar="KEY",
                         help="accept this bearer key (repeatable; default: MEDGEM_API_KEYS, comma separated)")
+    parser.add_argument("--api-key-file", default=os.environ.get("MEDGEM_API_KEY_FILE"), metavar="FILE",
+                        help="accept the bearer keys in this file, one a line (with --api-key: both)")
+    parser.add_argument("--public", action="append", default=[], choices=["/metrics", "/openapi.json"],
+                        help="answer this path without a key (repeatable; by default keys guard it too)")
+    parser.add_argument("--rate-limit", type=float, default=0.0, metavar="PER_SECOND",
+                        help="requests a second each key may make on average; beyond, 429 (default: off)")
+    parser.add_argument("--rate-burst", type=int, default=20, help="requests a key may make at once (default 20)")
+    parser.add_argument("--max-tokens-default", type=int, default=None,
+                        help=f"tokens generated when a request omits max_tokens (default {d.default_max_tokens}, "
+                        "at most --max-tokens)")
+    parser.add_argument("--request-timeout", type=float, default=0.0, metavar="SECONDS",
+                        help="a generation taking longer is cancelled and answered 504 (default: no limit)")
     parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                         help="allow browser calls from this origin (repeatable; CORS is off by default)")
     parser.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
@@ -49,28 +61,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def settings_from_args(args: argparse.Namespace):
-    from medgem.serve.settings import Limits, ServeSettings, keys_from_env
+    from medgem.serve.settings import Limits, ServeSettings, keys_from_env, keys_from_file
 
+    if args.max_tokens_default is None:
+        args.max_tokens_default = min(Limits().default_max_tokens, args.max_tokens)
     numbers = {"--max-batch": args.max_batch, "--max-images": args.max_images, "--max-tokens": args.max_tokens,
                "--max-prompt-tokens": args.max_prompt_tokens, "--max-image-pixels": args.max_image_pixels,
-               "--replicas": args.replicas}
+               "--replicas": args.replicas, "--max-tokens-default": args.max_tokens_default,
+               "--rate-burst": args.rate_burst}
     for flag, value in numbers.items():
         if value < 1:
             raise ConfigError(f"{flag} must be at least 1 (got {value})")
     if args.max_queue < 0 or args.max_body_mb <= 0:
         raise ConfigError("--max-queue must be >= 0 and --max-body-mb > 0")
+    if args.rate_limit < 0 or args.request_timeout < 0:
+        raise ConfigError("--rate-limit and --request-timeout must be >= 0")
+    if args.max_tokens_default > args.max_tokens:
+        raise ConfigError(f"--max-tokens-default must be at most --max-tokens ({args.max_tokens})")
+    keys = (*(args.api_key or ()), *(keys_from_file(args.api_key_file) if args.api_key_file else ()))
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be 1-65535 (got {args.port})")
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images,
                     max_image_pixels=args.max_image_pixels, max_prompt_tokens=args.max_prompt_tokens,
-                    max_tokens=args.max_tokens, default_max_tokens=min(Limits().default_max_tokens, args.max_tokens))
+                    max_tokens=args.max_tokens, default_max_tokens=args.max_tokens_default)
     return ServeSettings(
         model=args.model, mmproj=args.mmproj, dtype=args.dtype, device=args.device, quant=args.quant,
         draft=args.draft, draft_tokens=args.draft_tokens, compile=args.compile,
         model_name=args.model_name, embedding_model=args.embedding_model,
-        host=args.host, port=args.port, api_keys=tuple(args.api_key) if args.api_key else keys_from_env(),
+        host=args.host, port=args.port, api_keys=keys or keys_from_env(),
         cors_origins=tuple(args.cors_origin), limits=limits, max_batch=args.max_batch, max_queue=args.max_queue,
-        drain_seconds=args.drain_seconds, thinking=args.thinking,
+        drain_seconds=args.drain_seconds, thinking=args.thinking, public_paths=tuple(args.public),
+        rate_limit=args.rate_limit, rate_burst=args.rate_burst, request_timeout=args.request_timeout,
+        debug=args.debug or os.environ.get("MEDGEM_DEBUG") == "1",
     )
 
 

@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from medgem.errors import InputError
+from medgem.inputs.dicom import check_regular_file
+from medgem.inputs.text import check_depth
 
 LETTERS = "ABCDEFGHIJ"
 BUILTIN = {"handwritten": Path(__file__).resolve().parent.parent / "data" / "mcq_handwritten.jsonl"}
@@ -98,6 +100,7 @@ def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         if not line.strip():
             continue
         where = f"{path}:{n}"
+        check_depth(line, where)
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -113,6 +116,7 @@ def _json_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     if not text.lstrip().startswith("["):
         yield from _jsonl(path)
         return
+    check_depth(text, str(path))
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -226,6 +230,7 @@ def _pubmedqa_item(where: str, qid: str, r: dict[str, Any]) -> Item:
 def read_pubmedqa(path: Path) -> Task:
     text = _read_text(path)
     items = []
+    check_depth(text, str(path))
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -374,6 +379,7 @@ def load_task(name: str, data: str | Path) -> Task:
     if name not in READERS:
         raise InputError(f"unknown task '{name}'; choose one of {', '.join(READERS)}")
     path = BUILTIN.get(str(data), Path(data))
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"data file not found: {path}")
+    check_regular_file(path)  # a FIFO would block the read forever
     return READERS[name](path)

@@ -22,8 +22,10 @@ import io
 import logging
 import math
 import os
+import stat
 import struct
 import warnings
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,11 +33,12 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import pydicom
+import pydicom.filereader
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder, pixel_array
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from tqdm import tqdm
 
 from medgem.errors import InputError
@@ -56,6 +59,8 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
 # How many representative slices of a series (or frames of a cine) to send when the caller does
 # not say. Each image costs the model 256 tokens, so this is a budget, never a cap: pass any N.
 DEFAULT_SLICES = 8
+# The most a deflated dataset may inflate to: a 16-bit 40 Mpx image, plus headers.
+MAX_INFLATED_BYTES = 40_000_000 * 2 + 16 * 2**20
 
 Window = str | tuple[float, float] | None
 DicomSource = str | os.PathLike[str] | bytes | BinaryIO
@@ -112,17 +117,21 @@ def is_dicom(head: bytes) -> bool:
     return head[128:132] == b"DICM"
 
 
-def read_dicom(src: DicomSource, *, pixels: bool = True) -> Dataset:
+def read_dicom(src: DicomSource, *, pixels: bool = True, max_inflated: int = MAX_INFLATED_BYTES) -> Dataset:
     """Read a DICOM file (Part 10, or a bare dataset without preamble) into a pydicom Dataset.
 
     Raises InputError for a missing, truncated or non-DICOM file. `pixels=False` skips the pixel data
-    (fast header reads for sorting a series).
+    (fast header reads for sorting a series). A deflated dataset that inflates past `max_inflated`
+    bytes is refused before pydicom inflates it (pydicom inflates the whole file into memory).
     """
     name = source_name(src)
-    if isinstance(src, str | os.PathLike) and not os.path.isfile(src):
-        raise InputError(f"{name}: " + ("is a folder, not a file" if os.path.isdir(src) else "no such file"))
+    if isinstance(src, str | os.PathLike):
+        check_regular_file(src)
+        with open(src, "rb") as f:
+            _refuse_deflate_bomb(f, name, max_inflated)
     fp: Any = io.BytesIO(src) if isinstance(src, bytes) else src
     with quiet_pydicom():
+        _refuse_deflate_bomb(fp, name, max_inflated)
         try:
             ds = pydicom.dcmread(fp, stop_before_pixels=not pixels)
         except InvalidDicomError:
@@ -143,6 +152,65 @@ def read_dicom(src: DicomSource, *, pixels: bool = True) -> Dataset:
             f"{name}: the DICOM file has image attributes but no pixel data; it is probably truncated"
         )
     return ds
+
+
+class TooLargeError(InputError):
+    """An input that declares (or inflates to) more than a limit allows: HTTP 413."""
+
+    http_status = 413
+
+
+def check_regular_file(path: str | os.PathLike[str]) -> None:
+    """Refuse what is not a regular file before opening it: a FIFO would block forever, a device never end."""
+    name = source_name(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InputError(f"{name}: no such file") from None
+    except OSError as exc:
+        raise InputError(f"{name}: cannot read the file ({type(exc).__name__})") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{name}: is a folder, not a file")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{name}: not a regular file (a pipe, socket or device); refusing to read it")
+
+
+def _refuse_deflate_bomb(fp: Any, name: str, limit: int) -> None:
+    """For the deflated transfer syntax, count the inflated size in 1 MiB steps (nothing kept) and refuse
+    past `limit`; a 1 MB upload can otherwise inflate to gigabytes inside pydicom. Leaves fp at its start."""
+    if not hasattr(fp, "seek"):
+        return
+    start = fp.tell()
+    try:
+        try:
+            pydicom.filereader.read_preamble(fp, False)
+            meta = pydicom.filereader._read_file_meta_info(fp)
+        except Exception:  # noqa: BLE001 - not Part 10, or a broken header: pydicom reports it below
+            return
+        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return
+        inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+        while chunk := fp.read(1 << 20):
+            total += len(inflater.decompress(chunk, 1 << 22))
+            while inflater.unconsumed_tail:
+                total += len(inflater.decompress(inflater.unconsumed_tail, 1 << 22))
+                if total > limit:
+                    break
+            if total > limit:
+                raise TooLargeError(f"{name}: the deflated DICOM data inflates to more than "
+                                    f"{limit // 2**20} MiB; refusing to decode it")
+    except zlib.error:
+        raise InputError(f"{name}: the deflated DICOM data is corrupt") from None
+    finally:
+        fp.seek(start)
+
+
+def check_pixels(ds: Dataset, name: str, max_pixels: int) -> None:
+    """Refuse by the header's rows x columns x frames before any pixel is decoded."""
+    pixels = header_number(ds, ds.Rows, "Rows") * header_number(ds, ds.Columns, "Columns") * frame_count(ds)
+    if pixels > max_pixels:
+        raise TooLargeError(f"{name}: the image has {pixels / 1e6:.1f} megapixels (rows x columns x frames); "
+                            f"the limit is {max_pixels / 1e6:.1f}")
 
 
 def _read_bare_dataset(fp: Any, name: str, pixels: bool) -> Dataset:
@@ -280,8 +348,10 @@ def _parse_window(window: Window) -> tuple[float, float] | str | None:
         try:
             center, width = (float(part) for part in key.split("/"))
         except ValueError:
+            center = width = math.nan
+        if not (math.isfinite(center) and math.isfinite(width)):  # never quote it: it may be any text
             choices = ", ".join([*WINDOW_PRESETS, "minmax", "auto", "CENTER/WIDTH"])
-            raise InputError(f"unknown window {window!r}; choose one of: {choices}") from None
+            raise InputError(f"unknown window; choose one of: {choices} (finite numbers)") from None
     if width <= 0:
         raise InputError(f"window width must be positive (got {width:g})")
     return float(center), float(width)
@@ -359,6 +429,11 @@ def _reorient(unit: np.ndarray, ds: Dataset) -> np.ndarray:
 
 def _to_image(unit: np.ndarray, size: int | None) -> Image.Image:
     pixels = np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
+    if pixels.ndim == 3 and pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    if not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[-1] == 3)):  # found by the fuzz suite
+        raise InputError("the DICOM pixel data does not match its header (samples per pixel / photometric "
+                         "interpretation)")
     image = Image.fromarray(pixels).convert("RGB")
     if size:
         image.thumbnail((size, size), Image.Resampling.LANCZOS)

@@ -30,6 +30,8 @@ import ijson
 from pydantic import ValidationError
 
 from medgem.errors import InputError
+from medgem.inputs.dicom import check_regular_file
+from medgem.inputs.text import MAX_JSON_DEPTH, json_depth
 
 log = logging.getLogger(__name__)
 
@@ -110,17 +112,17 @@ def iter_raw(path: str | Path) -> Iterator[tuple[str, Any, str]]:
     """
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.name.endswith(NDJSON_SUFFIXES))
+        found = sorted(p for p in path.iterdir() if p.name.endswith(NDJSON_SUFFIXES))
+        files = [p for p in found if p.is_file()]  # a FIFO would block the open forever
+        if len(files) < len(found):
+            log.warning("%d non-regular file(s) (pipes, sockets, devices) skipped", len(found) - len(files))
         if not files:
             raise InputError(f"{path.name}: folder holds no .ndjson files (expected a Bulk Data export)")
         for file in files:
             yield from _iter_ndjson(file)
-    elif not path.is_file():
-        raise InputError(f"{path.name}: no such file")
-    elif path.name.endswith(NDJSON_SUFFIXES):
-        yield from _iter_ndjson(path)
     else:
-        yield from _iter_bundle(path)
+        check_regular_file(path)
+        yield from _iter_ndjson(path) if path.name.endswith(NDJSON_SUFFIXES) else _iter_bundle(path)
 
 
 def _iter_ndjson(path: Path) -> Iterator[tuple[str, Any, str]]:
@@ -129,10 +131,26 @@ def _iter_ndjson(path: Path) -> Iterator[tuple[str, Any, str]]:
             if not line.strip():
                 continue
             where = f"{path.name} line {number}"
+            if json_depth(line) > MAX_JSON_DEPTH:
+                yield where, _NotJson(f"nested deeper than {MAX_JSON_DEPTH} levels"), ""
+                continue
             try:
                 yield where, json.loads(line), ""
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 yield where, _NotJson(str(exc).split(":")[0]), ""
+
+
+def _check_depth(f: Any, name: str) -> None:
+    """One streaming pass that refuses nesting past MAX_JSON_DEPTH: ijson's item builder costs memory with
+    the square of the depth (a 200 KB file 100,000 deep grew past 22 GB)."""
+    depth = 0
+    for event, _ in ijson.basic_parse(f):
+        if event in ("start_map", "start_array"):
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise InputError(f"{name}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        elif event in ("end_map", "end_array"):
+            depth -= 1
 
 
 @dataclass
@@ -150,6 +168,8 @@ def _iter_bundle(path: Path) -> Iterator[tuple[str, Any, str]]:
             if first not in (b"{", b"["):
                 raise InputError(f"{name}: not JSON (a FHIR Bundle starts with '{{')")
             f.seek(0)
+            _check_depth(f, name)
+            f.seek(0)
             # resourceType normally comes first, so this reads only the file's head.
             kinds = ijson.items(f, "resourceType")
             kind = next(kinds, None)
@@ -157,7 +177,7 @@ def _iter_bundle(path: Path) -> Iterator[tuple[str, Any, str]]:
             raise InputError(f"{name}: JSON but not FHIR (no top-level resourceType)")
         if kind != "Bundle":
             raise InputError(
-                f"{name}: wrong resourceType {str(kind)[:40]!r} at top level; expected a Bundle "
+                f"{name}: the top-level resourceType is not Bundle; expected a Bundle "
                 "(name NDJSON files *.ndjson)"
             )
         with path.open("rb") as f:

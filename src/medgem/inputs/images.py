@@ -55,6 +55,7 @@ def _read_bytes(src: str | os.PathLike[str], limit: int = -1) -> bytes:
         raise InputError(
             f"{name} is a folder; pass one image file (a series folder needs load_images_from_path)"
         )
+    dicom.check_regular_file(src)
     try:
         with Path(src).open("rb") as file:
             return file.read(limit)
@@ -100,6 +101,8 @@ def _looks_like_raster(data: bytes) -> bool:
     try:
         with Image.open(io.BytesIO(data)):
             return True
+    except Image.DecompressionBombError:  # a raster, and too large: _open_raster says so
+        return True
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         return False
 

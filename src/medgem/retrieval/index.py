@@ -93,13 +93,36 @@ def walk(root: str | os.PathLike[str]) -> list[Path]:
     root = Path(root)
     if root.is_file():
         return [root.resolve()] if sniff(root) else []
+    if root.exists() and not root.is_dir():
+        raise InputError(f"{root.name}: not a regular file or folder (a pipe, socket or device)")
     if not root.is_dir():
         raise InputError(f"{root.name}: no such file or folder")
-    found = []
+    found, special, undecodable = [], 0, 0
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [Path(folder, f).resolve() for f in sorted(files) if not f.startswith(".") and sniff(Path(folder, f))]
+        for name in sorted(files):
+            path = Path(folder, name)
+            if name.startswith("."):
+                continue
+            if not path.is_file():  # a FIFO would block the open forever; sockets and devices never end
+                special += 1
+            elif not _utf8(str(path)):  # the index stores paths as text
+                undecodable += 1
+            elif sniff(path):
+                found.append(path.resolve())
+    if special:
+        logger.warning("%d non-regular file(s) (pipes, sockets, devices) skipped", special)
+    if undecodable:
+        logger.warning("%d file(s) whose path is not valid UTF-8 skipped; rename them to index them", undecodable)
     return found
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def prepare(path: str) -> Prepared:
@@ -141,8 +164,14 @@ class ImageIndex:
                 raise InputError(f"{self.folder.name}: not an index (no {DB_NAME}); build one with `medgem index build`")
             self.folder.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.folder / DB_NAME)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(SCHEMA)
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(SCHEMA)
+            self.db.execute("SELECT COUNT(*) FROM items").fetchone()
+        except sqlite3.DatabaseError as exc:
+            self.db.close()
+            raise InputError(f"{self.folder.name}: {DB_NAME} is damaged or not an index database "
+                             f"({type(exc).__name__}); rebuild it with `medgem index build`") from None
         if create:
             self._set_default("store", store)
             self._set_default("kind", kind)

@@ -1,12 +1,15 @@
 """The FastAPI app and the uvicorn server around it.
 
 `create_app(settings, pipe, embedder)` builds the app; with `pipe=None` the models load in the background.
-Three small ASGI middlewares wrap every request, outermost first:
+Small ASGI middlewares wrap every request, outermost first (`notice`, `gate`, `boundary`, CORS, `auth`,
+`body_limit`):
 - `notice`: every response carries the X-Medgem-Notice header;
+- `boundary`: turns a bug into a 500 (and a slow generation into a 504) without dropping the connection;
+- `auth`: the API key and rate limit, from the headers, before any body is read;
 - `gate`: counts API requests in flight, refuses new ones with 503 while draining, records request
   metrics by route template and status, and logs one line per request (never the body);
 - `body_limit`: refuses a body over the limit with 413, from Content-Length before reading it, or
-  while reading a chunked body.
+  while reading a chunked body; and JSON nested deeper than MAX_JSON_DEPTH with 400 before it is parsed.
 
 `run(settings)` serves the app with `DrainingServer`: on the first SIGTERM/SIGINT, new API requests
 get 503 while those in flight finish (up to `drain_seconds`), then uvicorn shuts down; a second
@@ -15,6 +18,7 @@ signal shuts down at once.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import json
 import logging
@@ -29,10 +33,13 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
+from PIL import Image
 
+from medgem.inputs.text import MAX_JSON_DEPTH, json_depth
 from medgem.notice import NOTICE
 from medgem.pipeline import Pipeline
 from medgem.serve import errors, routes
+from medgem.serve.auth import RateLimiter, check_key, is_public
 from medgem.serve.runtime import Runtime
 from medgem.serve.settings import ServeSettings, is_loopback
 
@@ -91,6 +98,10 @@ def body_limit(app, limit: int):
                 return await _send_error(send, 413, too_large, "body_too_large")
             if not message.get("more_body"):
                 break
+        content_type = dict(scope["headers"]).get(b"content-type", b"")
+        if b"json" in content_type and json_depth(b"".join(chunks)) > MAX_JSON_DEPTH:
+            return await _send_error(send, 400, f"the request body is JSON nested deeper than {MAX_JSON_DEPTH} "
+                                     "levels", "invalid_json")
         replayed = False
 
         async def replay():
@@ -101,6 +112,78 @@ def body_limit(app, limit: int):
             return await receive()  # after the body: the disconnect, when it comes
 
         await app(scope, replay, send)
+
+    return middleware
+
+
+def auth(app, rt: Runtime):
+    """The key check (and rate limit) from the headers alone, before the body is read or parsed."""
+    settings = rt.settings
+    limiter = RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None
+
+    async def middleware(scope, receive, send):
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or is_public(scope["path"], settings):
+            return await app(scope, receive, send)
+        try:
+            caller = (check_key(dict(scope["headers"]).get(b"authorization", b"").decode("latin-1"),
+                                settings.api_keys) if settings.api_keys
+                      else (scope.get("client") or ("local",))[0])
+            if limiter is not None and scope["path"].startswith("/v1/"):
+                limiter.take(caller)
+        except errors.APIError as exc:
+            return await _send_error(send, exc.status, exc.message, exc.code or "", exc.headers)
+        await app(scope, receive, send)
+
+    return middleware
+
+
+_GENERATION = ("/v1/chat/completions", "/v1/completions")
+
+
+def boundary(app, rt: Runtime):
+    """The last line: a bug becomes a logged exception type, a request id and an OpenAI-shaped 500, and a
+    generation past `request_timeout` a 504; neither drops the connection (a stream ends with an error
+    event and [DONE]). Starlette's own handler would re-raise, so uvicorn printed a traceback and reset
+    the keep-alive connection."""
+    timeout = rt.settings.request_timeout or None
+
+    async def middleware(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        started, streaming = False, False
+
+        async def tracked(message):
+            nonlocal started, streaming
+            if message["type"] == "http.response.start":
+                started = True
+                streaming = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                                for k, v in message.get("headers", []))
+            await send(message)
+
+        limited = bool(timeout) and scope["path"] in _GENERATION
+        try:
+            if limited:
+                await asyncio.wait_for(app(scope, receive, tracked), timeout)
+            else:
+                await app(scope, receive, tracked)
+            return
+        except Exception as exc:  # noqa: BLE001 - the one place a bug is turned into an answer
+            if limited and isinstance(exc, TimeoutError):
+                status, message, code, headers = 504, (f"the request took longer than this server's limit of "
+                                                       f"{timeout:g} s"), "request_timeout", {}
+            else:
+                rid = errors.log_internal(scope["path"], exc, rt.settings.debug)
+                status, message, code = 500, f"internal server error ({type(exc).__name__}); request id {rid}", \
+                    "internal_error"
+                headers = {"X-Request-Id": rid}
+        if not started:
+            return await _send_error(send, status, message, code, headers)
+        if streaming:  # the headers went out: end the stream the way every stream ends
+            event = json.dumps(errors.error_body(status, message, code=code))
+            await send({"type": "http.response.body", "body": f"data: {event}\n\ndata: [DONE]\n\n".encode(),
+                        "more_body": False})
+        else:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     return middleware
 
@@ -169,10 +252,12 @@ def create_app(settings: ServeSettings | None = None, pipe: Pipeline | None = No
         return HTMLResponse(page, headers={"Content-Security-Policy": _PAGE_POLICY})
 
     app.mount("/static", StaticFiles(directory=str(_STATIC)), name="static")
+    app.add_middleware(body_limit, limit=settings.limits.max_body_bytes)
+    app.add_middleware(auth, rt=rt)  # outside body_limit: no body is read for a caller without a key
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(body_limit, limit=settings.limits.max_body_bytes)
+    app.add_middleware(boundary, rt=rt)
     app.add_middleware(gate, rt=rt)
     app.add_middleware(notice)
     return app
@@ -211,6 +296,9 @@ def warn_if_exposed(settings: ServeSettings) -> None:
 def run(settings: ServeSettings) -> None:
     """Load the models in the background and serve until SIGTERM/SIGINT (blocking)."""
     warn_if_exposed(settings)
+    # Pillow's own bomb check (DecompressionBombError past twice this) follows this server's limit. Set
+    # here, not in create_app: it is process-wide, and tests run servers with other limits side by side.
+    Image.MAX_IMAGE_PIXELS = settings.limits.max_image_pixels
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
                             access_log=False, timeout_graceful_shutdown=int(settings.drain_seconds))

@@ -3,7 +3,7 @@
 Every failure a client can cause ends here: a MedgemError from the layers below (400), a schema
 violation (422, naming the field but never quoting its value, which may be prompt text), malformed
 JSON (400) and the server's own refusals (`APIError`: 401, 404, 413, 429, 503). Anything else is a
-bug: it is logged by exception type only and answered with a generic 500.
+bug: app.boundary logs it by exception type and request id (`log_internal`) and answers a generic 500.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import traceback
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -54,7 +55,7 @@ def medgem_error(exc: MedgemError) -> APIError:
     return APIError(status, str(exc), code=code)
 
 
-_UNION_MEMBER = re.compile(r"^(str|int|float|bool|list|dict|none)$|\[")  # pydantic's names of union branches
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|list|dict|none|constrained-\w+)$|\[")  # pydantic's names of union branches
 
 
 def _field(loc: tuple) -> str:
@@ -83,6 +84,17 @@ def _validation(exc: RequestValidationError) -> APIError:
     return APIError(422, f"{where}: {'; or '.join(said)}", param=where, code="invalid_value")
 
 
+def log_internal(path: str, exc: BaseException, debug: bool) -> str:
+    """Log a bug by exception type and a new request id (the message may quote input, so never it);
+    the frames only with --debug. Returns the request id the client is told."""
+    rid = uuid.uuid4().hex[:12]
+    log.error("internal error on %s: %s (request %s)", path, type(exc).__name__, rid)
+    if debug:
+        log.error("traceback of request %s (message withheld):\n%s", rid,
+                  "".join(traceback.format_tb(exc.__traceback__)))
+    return rid
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that turn every exception into an OpenAI-shaped error."""
 
@@ -100,13 +112,7 @@ def install(app: FastAPI) -> None:
             exc.status_code, str(exc.detail))
         return error_response(exc.status_code, message, headers=dict(exc.headers or {}))
 
-    async def internal(request: Request, exc: Exception) -> JSONResponse:
-        log.error("internal error on %s: %s", request.url.path, type(exc).__name__)
-        log.debug("traceback (message withheld):\n%s", "".join(traceback.format_tb(exc.__traceback__)))
-        return error_response(500, f"internal server error ({type(exc).__name__})")
-
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(MedgemError, medgem)
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(HTTPException, http)
-    app.add_exception_handler(Exception, internal)

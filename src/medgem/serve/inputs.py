@@ -74,15 +74,17 @@ def decode_image(data: bytes, media_type: str | None, window: str | None, limits
     is_dicom = media_type == DICOM_TYPE or (media_type is None and dicom.is_dicom(data))
     try:
         if is_dicom:
-            ds = dicom.read_dicom(data)
-            pixels = dicom.header_number(ds, ds.Rows, "Rows") * dicom.header_number(ds, ds.Columns, "Columns")
-            if pixels > limits.max_image_pixels:
-                raise _too_many_pixels(where, pixels, limits)
+            ds = dicom.read_dicom(data, max_inflated=limits.max_image_pixels * 2 + 16 * 2**20)
+            dicom.check_pixels(ds, "the DICOM data", limits.max_image_pixels)
             image = dicom.dicom_to_images(ds, window=window, size=size, name="the DICOM data")[0]
             return DecodedImage(image, DICOM_TYPE, safe_summary(ds))
         try:
             with Image.open(io.BytesIO(data)) as probe:
                 width, height, kind = *probe.size, (probe.format or "").lower()
+        except Image.DecompressionBombError:  # over Pillow's own limit (create_app sets it from ours)
+            raise APIError(413, f"{where}: the image declares more pixels than this server accepts "
+                                f"({limits.max_image_pixels / 1e6:.1f} megapixels)", param=where,
+                           code="image_too_large") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
             expected = "a PNG or JPEG image" if media_type else "a PNG, JPEG or DICOM image"
             raise InputError(f"the data is not {expected}") from None
@@ -91,10 +93,12 @@ def decode_image(data: bytes, media_type: str | None, window: str | None, limits
         image = load_image(data, window, size=size)
         return DecodedImage(image, f"image/{kind}" if kind in ("png", "jpeg") else "image/png", None)
     except InputError as exc:
-        raise APIError(400, f"{where}: {exc}", param=where, code="invalid_image") from None
+        too_large = exc.http_status == 413
+        raise APIError(exc.http_status, f"{where}: {exc}", param=where,
+                       code="image_too_large" if too_large else "invalid_image") from None
 
 
-def _image_parts(messages: list[ChatMessage]) -> list[tuple[str, ImagePart]]:
+def image_parts(messages: list[ChatMessage]) -> list[tuple[str, ImagePart]]:
     return [
         (f"messages[{i}].content[{j}]", part)
         for i, msg in enumerate(messages)
@@ -106,7 +110,7 @@ def _image_parts(messages: list[ChatMessage]) -> list[tuple[str, ImagePart]]:
 
 def chat_messages(messages: list[ChatMessage], limits: Limits) -> tuple[list[dict[str, Any]], str | None]:
     """Pipeline messages (images decoded to PIL) and the system text (system/developer messages joined)."""
-    images = _image_parts(messages)
+    images = image_parts(messages)
     if len(images) > limits.max_images:
         raise APIError(400, f"the request has {len(images)} images; this server accepts at most "
                             f"{limits.max_images} per request", param="messages", code="too_many_images")

@@ -1,7 +1,7 @@
 """The endpoints: OpenAI's chat completions, completions, embeddings and models; the image preview
 the web page uses; health, readiness and metrics.
 
-A generation request goes: key check -> body schema (FastAPI) -> model name and limits -> images
+A generation request goes: key check (app.auth, before the body is read) -> body schema (FastAPI) -> model name and limits -> images
 decoded and prompt tokenised (in a worker thread, off the event loop) -> prompt-length check ->
 engine submit (429 when the queue is full) -> JSON when every choice is done, or server-sent events
 at once, ending with `data: [DONE]`. A client that goes away cancels its generation: streaming
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import io
 import json
 import logging
@@ -23,16 +22,16 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from medgem.engine.generate import Completion
 from medgem.engine.sampling import SamplingParams
 from medgem.engine.scheduler import Event
-from medgem.errors import MedgemError
+from medgem.errors import CapabilityError, MedgemError
 from medgem.serve.errors import APIError, error_body, medgem_error
-from medgem.serve.inputs import chat_messages, decode_image, parse_data_url
+from medgem.serve.inputs import chat_messages, decode_image, image_parts, parse_data_url
 from medgem.serve.reasoning import ThoughtSplitter, with_instruction
 from medgem.serve.runtime import Runtime
 from medgem.serve.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, ImagePart, SamplingFields
@@ -74,23 +73,6 @@ async def run_in_own_thread(fn: Callable[[], T]) -> T:
 
 def runtime(request: Request) -> Runtime:
     return request.app.state.runtime
-
-
-def require_key(request: Request) -> None:
-    """Bearer API keys, when the server has any (constant-time comparison)."""
-    keys = runtime(request).settings.api_keys
-    if not keys:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    challenge = {"WWW-Authenticate": "Bearer"}
-    if scheme.lower() != "bearer" or not token.strip():
-        raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
-                       code="missing_api_key", headers=challenge)
-    if not any(hmac.compare_digest(token.strip().encode(), key.encode()) for key in keys):
-        raise APIError(401, "invalid API key", code="invalid_api_key", headers=challenge)
-
-
-keyed = [Depends(require_key)]
 
 
 # -- request checks ---------------------------------------------------------------------------------
@@ -256,12 +238,15 @@ async def _respond(run: Run, request: Request, stream: AsyncIterator[dict[str, A
 
 
 # -- chat ------------------------------------------------------------------------------------------
-@router.post("/v1/chat/completions", dependencies=keyed)
+@router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request) -> Response:
     rt = runtime(request)
     pipe = rt.pipeline(body.model)
     params = _sampling(body, rt, body.max_completion_tokens or body.max_tokens)
     thinking = _reasoning(body, rt)
+    if not pipe.supports_images and image_parts(body.messages):  # refused before anything is decoded
+        raise medgem_error(CapabilityError(f"model {rt.model_id!r} has no vision tower, so it cannot read "
+                                           "images; send text only"))
     messages, system = await run_in_threadpool(chat_messages, body.messages, rt.settings.limits)
     if thinking:
         system = with_instruction(system)
@@ -308,7 +293,7 @@ async def chat_completions(body: ChatRequest, request: Request) -> Response:
 
 
 # -- completions -----------------------------------------------------------------------------------
-@router.post("/v1/completions", dependencies=keyed)
+@router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Response:
     rt = runtime(request)
     pipe = rt.pipeline(body.model)
@@ -349,7 +334,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 
 
 # -- embeddings and models -------------------------------------------------------------------------
-@router.post("/v1/embeddings", dependencies=keyed)
+@router.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     """MedSigLIP embeddings of texts and images (one shared space), unit length, in input order."""
     rt = runtime(request)
@@ -389,12 +374,12 @@ def _models(rt: Runtime) -> list[dict[str, Any]]:
             for name in (rt.model_id, rt.embedding_id) if name]
 
 
-@router.get("/v1/models", dependencies=keyed)
+@router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": _models(runtime(request))}
 
 
-@router.get("/v1/models/{model:path}", dependencies=keyed)
+@router.get("/v1/models/{model:path}")
 async def get_model(model: str, request: Request) -> dict[str, Any]:
     found = [card for card in _models(runtime(request)) if card["id"] == model]
     if not found:
@@ -403,7 +388,7 @@ async def get_model(model: str, request: Request) -> dict[str, Any]:
 
 
 # -- the web page's image preview ------------------------------------------------------------------
-@router.post("/v1/dicom/preview", dependencies=keyed)
+@router.post("/v1/dicom/preview")
 async def preview(request: Request, window: str | None = None, size: int = 512) -> dict[str, Any]:
     """Raw image bytes (DICOM, PNG or JPEG) -> the rendered image as a PNG data URI, plus for DICOM the
     de-identified technical summary. Nothing identifying leaves the server: pixels and whitelisted fields."""

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from medgem.inputs.text import clean_json
 
 # Fields that would change what the client gets back; refused unless absent, null, 0, false or empty.
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs", "logit_bias",
@@ -21,6 +23,12 @@ UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs",
 
 class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _clean(cls, data: object) -> object:
+        """Text enters here once: lone surrogates (legal JSON escapes) and NULs made safe for the tokenizer."""
+        return clean_json(data)
 
     def unsupported(self) -> str | None:
         """The first feature asked for that this server does not have."""
@@ -70,9 +78,10 @@ class SamplingFields(_Body):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch's generators take
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks, load tests)
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
+                                                          Field(max_length=4)] | None = None
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -18,6 +18,26 @@ def keys_from_env() -> tuple[str, ...]:
     return tuple(k.strip() for k in os.environ.get("MEDGEM_API_KEYS", "").split(",") if k.strip())
 
 
+def keys_from_file(path: str) -> tuple[str, ...]:
+    """API keys from a file, one a line (blank lines and # comments skipped); the file is named, never quoted."""
+    name = os.path.basename(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            keys = tuple(line.strip() for line in f if line.strip() and not line.lstrip().startswith("#"))
+    except FileNotFoundError:
+        raise ConfigError(f"--api-key-file {name}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--api-key-file {name}: cannot read it ({type(exc).__name__})") from None
+    if not keys:
+        raise ConfigError(f"--api-key-file {name}: holds no key")
+    return keys
+
+
+# Routes that never need a key (probes and the page, and /static/*); /metrics and /openapi.json may be added.
+ALWAYS_PUBLIC = ("/health", "/ready", "/", "/favicon.ico")
+MAY_BE_PUBLIC = ("/metrics", "/openapi.json")
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -61,7 +81,14 @@ class ServeSettings:
     max_queue: int = 64  # sequences waiting for a batch; beyond this, 429
     drain_seconds: float = 60.0  # on SIGTERM/SIGINT: how long in-flight requests may take to finish
     thinking: str = "auto"  # auto (MedGemma 27B shapes) | on | off: whether the model has a thinking mode
+    public_paths: tuple[str, ...] = ()  # of "/metrics", "/openapi.json": answered without a key
+    rate_limit: float = 0.0  # requests per second per key (token bucket); 0: off
+    rate_burst: int = 20  # the bucket's size: requests a key may send at once
+    request_timeout: float = 0.0  # seconds a generation request may take before 504; 0: no limit
+    debug: bool = False  # log tracebacks of internal errors
 
     def __post_init__(self) -> None:
         if self.thinking not in ("auto", "on", "off"):
             raise ConfigError(f"thinking must be auto, on or off (got {self.thinking!r})")
+        if set(self.public_paths) - set(MAY_BE_PUBLIC):
+            raise ConfigError(f"public_paths may hold {', '.join(MAY_BE_PUBLIC)} only")

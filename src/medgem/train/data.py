@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from medgem.errors import CapabilityError, InputError, MedgemError
+from medgem.inputs.text import check_depth, read_text
 from medgem.processing.multimodal import MultimodalProcessor, image_source, message_images, to_rgb_image
 from medgem.processing.tokenizer import START_OF_IMAGE, Tokenizer, render_chat
 
@@ -161,28 +162,28 @@ def read_jsonl(path: str | Path, encoder: Encoder, max_len: int) -> list[Example
     Examples longer than `max_len` tokens are skipped with a warning (their answers would be cut).
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"training data not found: {path}")
     examples, too_long = [], 0
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path.name} line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{path.name} line {number}: expected a JSON object")
-            try:
-                ex = encoder.encode(record, path.parent)
-            except MedgemError as exc:
-                raise type(exc)(f"{path.name} line {number}: {exc}") from None
-            ex.line = number
-            if len(ex) > max_len:
-                too_long += 1
-                continue
-            examples.append(ex)
+    for number, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        check_depth(line, f"{path.name} line {number}")
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path.name} line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{path.name} line {number}: expected a JSON object")
+        try:
+            ex = encoder.encode(record, path.parent)
+        except MedgemError as exc:
+            raise type(exc)(f"{path.name} line {number}: {exc}") from None
+        ex.line = number
+        if len(ex) > max_len:
+            too_long += 1
+            continue
+        examples.append(ex)
     if too_long:
         log.warning("%s: skipped %d example(s) longer than max_len=%d tokens", path.name, too_long, max_len)
     if not examples:
