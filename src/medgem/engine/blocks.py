@@ -128,6 +128,12 @@ def dequantize(blocks: torch.Tensor, kind: int) -> torch.Tensor:
                                      dtype=np.float32))
 
 
+def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x as the dense [M, K] bf16 or float32 rows the kernel takes (a batch's slice may be strided)."""
+    flat = x.reshape(-1, in_features)
+    return (flat if flat.dtype in (torch.bfloat16, torch.float32) else flat.float()).contiguous()
+
+
 class BlockLinear(nn.Module):
     """y = x @ W.T with W held as ggml blocks: the file's own (a view of its memory map) or ours.
 
@@ -142,10 +148,7 @@ class BlockLinear(nn.Module):
         self.kind, self.in_features, self.out_features, self.out_dtype = kind, in_features, blocks.shape[0], out_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        if flat.dtype not in (torch.bfloat16, torch.float32):
-            flat = flat.float()
-        out = traceable_linear(flat.contiguous(), [(self.qweight, self.kind)], self.out_dtype or x.dtype)
+        out = traceable_linear(_rows(x, self.in_features), [(self.qweight, self.kind)], self.out_dtype or x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def dequantized(self) -> torch.Tensor:
@@ -167,9 +170,5 @@ class StackedBlocks:
         self.parts = parts
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        first = self.parts[0]
-        flat = x.reshape(-1, first.in_features)
-        if flat.dtype not in (torch.bfloat16, torch.float32):
-            flat = flat.float()
-        out = traceable_linear(flat.contiguous(), [(p.qweight, p.kind) for p in self.parts], x.dtype)
+        out = traceable_linear(_rows(x, self.parts[0].in_features), [(p.qweight, p.kind) for p in self.parts], x.dtype)
         return out.reshape(*x.shape[:-1], out.shape[-1])

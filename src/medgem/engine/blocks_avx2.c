@@ -318,8 +318,6 @@ static int64_t row_bytes(int type, int64_t K) {
     }
 }
 
-int medgem_block_row_bytes(int type, int64_t K) { return (int)row_bytes(type, K); }
-
 static inline void store(void *out, int out_f32, int64_t i, float v) {
     if (out_f32) {
         ((float *)out)[i] = v;

@@ -1,6 +1,8 @@
 """Weight-only quantization for CPU decoding: int8 per-channel and int4 group-wise.
 
-Decode reads every weight once per token, so fewer bytes per weight is more tokens per second. int8
+Decode reads every weight once per token, so fewer bytes per weight is more tokens per second. Where
+the CPU has AVX2, every quantized matmul runs on our block kernel over llama.cpp's blocks (engine/
+blocks.py; a GGUF's own blocks in place); the rest of this module is what runs elsewhere. int8
 matmuls run on our AVX-512 VNNI kernel where the CPU has it (engine/vnni.py: activations rounded to
 int8 in blocks of 32, as llama.cpp does), else on PyTorch's `_weight_int8pack_mm`; int4 on PyTorch's
 `_weight_int4pack_mm_for_cpu`. PyTorch's kernels are fast only with bf16 activations, so a quantized

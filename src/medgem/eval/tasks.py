@@ -35,7 +35,7 @@ from typing import Any
 
 from medgem.errors import InputError
 from medgem.inputs.dicom import check_regular_file
-from medgem.inputs.text import check_depth
+from medgem.inputs.text import check_depth, jsonl_objects
 
 LETTERS = "ABCDEFGHIJ"
 BUILTIN = {"handwritten": Path(__file__).resolve().parent.parent / "data" / "mcq_handwritten.jsonl"}
@@ -96,18 +96,8 @@ def _read_text(path: Path) -> str:
 
 def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, record) for each non-blank line; `where` is 'file:line' for error messages."""
-    for n, line in enumerate(_read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        check_depth(line, where)
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(record, dict):
-            raise InputError(f"{where}: expected a JSON object per line")
-        yield where, record
+    for n, record in jsonl_objects(_read_text(path), lambda n: f"{path}:{n}"):
+        yield f"{path}:{n}", record
 
 
 def _json_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:

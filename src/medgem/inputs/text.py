@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,23 @@ def loads_json(data: bytes | str, name: str, max_depth: int = MAX_JSON_DEPTH) ->
     except (json.JSONDecodeError, RecursionError) as exc:
         where = f" (line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
         raise InputError(f"{name}: not valid JSON{where}") from None
+
+
+def jsonl_objects(text: str, where: Callable[[int], str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of JSON Lines text, each within the depth limit; a
+    line that is not a JSON object is an InputError naming `where(line number)`."""
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        place = where(number)
+        check_depth(line, place)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{place}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{place}: expected a JSON object per line")
+        yield number, record
 
 
 def read_text(path: str | os.PathLike[str], name: str | None = None, encoding: str = "utf-8") -> str:

@@ -16,7 +16,6 @@ line number; text is never quoted in messages or logs.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Sequence
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 
 from medgem.errors import CapabilityError, InputError, MedgemError
-from medgem.inputs.text import check_depth, read_text
+from medgem.inputs.text import jsonl_objects, read_text
 from medgem.processing.multimodal import MultimodalProcessor, image_source, message_images, to_rgb_image
 from medgem.processing.tokenizer import START_OF_IMAGE, Tokenizer, render_chat
 
@@ -165,16 +164,7 @@ def read_jsonl(path: str | Path, encoder: Encoder, max_len: int) -> list[Example
     if not path.exists():
         raise InputError(f"training data not found: {path}")
     examples, too_long = [], 0
-    for number, line in enumerate(read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        check_depth(line, f"{path.name} line {number}")
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path.name} line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(record, dict):
-            raise InputError(f"{path.name} line {number}: expected a JSON object")
+    for number, record in jsonl_objects(read_text(path), lambda n: f"{path.name} line {n}"):
         try:
             ex = encoder.encode(record, path.parent)
         except MedgemError as exc:

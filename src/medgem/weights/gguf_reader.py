@@ -196,8 +196,8 @@ class GGUFRows(LazyRows):
         if self._file is None:
             self._file = open(self.entry.path, "rb", buffering=0)  # noqa: SIM115 - lives as long as the model
 
-    def __getstate__(self) -> dict:  # copies reopen the file by path
-        return {**self.__dict__, "_file": None}
+    def __getstate__(self) -> dict:  # copies reopen the file by path, and never carry the file's map
+        return {**self.__dict__, "_file": None, "index": None}
 
     def _rows(self, numbers: list[int]) -> torch.Tensor:
         """One positioned read per row, decoded together: a 2,000-token prompt's lookup costs milliseconds."""
