@@ -6,7 +6,8 @@ published text shapes (config.TEXT_PRESETS: 1b, 4b, 27b) as f16 GGUF, streamed t
 (weights/export.py: a 27B never sits in memory whole), quantizes them with llama.cpp's own quantizer
 (Q4_K_M, Q8_0), and times every engine on the same file, each in its own process:
 
-  load_s            first start of a fresh process (the file in the page cache)
+  load_s            first start of a fresh process (the file read into the page cache just before, so a
+                    cold disk does not decide which engine looks faster)
   second_start_s    medgem only: a second fresh process on the same file
   prefill_tok_s     128-token prompt: prompt tokens / time to the first token (median of --runs)
   prefill_2048_tok_s  a 2,048-token prompt, once
@@ -142,7 +143,15 @@ def run_llama_cpp(path: str, new: int, runs: int) -> dict:
             "prefill_2048_tok_s": round(2048 / long_first, 1), "peak_rss_mb": round(peak_mb(), 1)}
 
 
+def warm_page_cache(path: Path) -> None:
+    """Read the whole file once, so every engine's first start finds it in the page cache."""
+    with path.open("rb") as f:
+        while f.read(64 << 20):
+            pass
+
+
 def worker_result(python: str, engine: str, path: Path, new: int, runs: int) -> dict:
+    warm_page_cache(path)
     out = subprocess.run([python, __file__, "--worker", engine, "--file", str(path), "--new-tokens", str(new),
                           "--runs", str(runs)], capture_output=True, text=True)
     if out.returncode:

@@ -21,6 +21,7 @@
 
 enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14 }; /* ggml's type numbers */
 #define MAX_ROWS 4      /* activation rows per pass over a weight row */
+#define AHEAD 2         /* weight rows prefetched ahead of the one being multiplied */
 #define CHUNK_BYTES (2 << 20) /* activation rows quantized and reused per pass over the weights: fits L3 */
 
 typedef struct {  /* M activation rows of K, block-rounded in the two forms the weight types pair with */
@@ -29,7 +30,7 @@ typedef struct {  /* M activation rows of K, block-rounded in the two forms the 
     const float *sum16; /* [M][K/16] step * sum of 16 codes */
     const int8_t *qk;  /* [M][K] codes in blocks of 256 (for Q4_K, Q6_K: llama.cpp's Q8_K) */
     const float *stepk; /* [M][K/256] */
-    const int32_t *isum16; /* [M][K/16] sum of 16 codes */
+    const int16_t *isum16; /* [M][K/16] sum of 16 codes */
     int64_t K;
 } Acts;
 
@@ -79,61 +80,72 @@ static inline __m256 pair(__m256 acc, __m256i p0, float f0, __m256i p1, float f1
     const int64_t K = a->K;                                                               \
     const int8_t *xr[MAX_ROWS];                                                           \
     const float *st[MAX_ROWS];                                                            \
-    const int32_t *s16[MAX_ROWS];                                                         \
+    const int16_t *s16[MAX_ROWS];                                                         \
     ROWS_LOOP xr[r] = a->qk + (m + r) * K, st[r] = a->stepk + (m + r) * (K / 256), s16[r] = a->isum16 + (m + r) * (K / 16);
 #define X(r, g) (xr[r] + (int64_t)(g) * 32)
 #define STEP(r, g) (st[r][g])
 #define SUM16(r, g) (s16[r][g])
 
 /* K-quants pair with activations rounded per 256 (one step a superblock, as llama.cpp's Q8_K does), so a
-   superblock's groups sum in integers with their 6- or 8-bit scales and meet a float once. */
+   superblock's groups sum in integers with their 6- or 8-bit scales and meet a float once. The scales and
+   the offset terms (Q4_K's mins, Q6_K's centre of 32) stay in vectors: scalar work per superblock cost as
+   much as the dots themselves. */
+static inline __m256i pair_of(__m256i scales16, int i) { /* int16 scale i in all 16 lanes */
+    return _mm256_shuffle_epi8(scales16, _mm256_set1_epi16((short)(0x0100 + 0x0202 * i)));
+}
+
 static inline __attribute__((always_inline)) void dot_q4_k(const uint8_t *w, const Acts *a, int64_t m, int R,
                                                             float *res) {
     __m256 acc[MAX_ROWS];
-    float off[MAX_ROWS];
+    __m128 offs[MAX_ROWS];
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     ROW_POINTERS_K
-    ROWS_LOOP acc[r] = _mm256_setzero_ps(), off[r] = 0.0f;
+    ROWS_LOOP acc[r] = _mm256_setzero_ps(), offs[r] = _mm_setzero_ps();
     for (int64_t sb = 0; sb < K / 256; sb++, w += 144) {
         float d = half(w), dmin = half(w + 2);
-        const uint8_t *s = w + 4;
-        int16_t sc[8], mn[8];
-        for (int j = 0; j < 4; j++) {
-            sc[j] = s[j] & 63, mn[j] = s[j + 4] & 63;
-            sc[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 6) << 4);
-            mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
-        }
+        /* 12 bytes of 6-bit scales and mins (words u0 u1 u2) -> bytes 0-7 the scales, 8-15 the mins, as
+           llama.cpp unpacks them, in one register: a detour through memory would stall store forwarding */
+        const __m128i u = _mm_loadu_si128((const __m128i *)(w + 4)); /* its 4th word is codes, unused */
+        const __m128i low = _mm_and_si128(_mm_srlv_epi32(_mm_shuffle_epi32(u, 0x98), _mm_setr_epi32(0, 0, 0, 4)),
+                                          _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
+        const __m128i top = _mm_and_si128(_mm_slli_epi32(_mm_srli_epi32(_mm_shuffle_epi32(u, 0x50), 6), 4),
+                                          _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
+        const __m256i both = _mm256_cvtepu8_epi16(_mm_or_si128(low, top));
+        const __m256i scales = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(both));
+        const __m128i mins = _mm256_extracti128_si256(both, 1);
         __m256i sum[MAX_ROWS];
         ROWS_LOOP sum[r] = _mm256_setzero_si256();
         for (int c = 0; c < 4; c++) {
             __m256i v = _mm256_loadu_si256((const __m256i *)(w + 16 + 32 * c));
             __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-            __m256i s_lo = _mm256_set1_epi16(sc[2 * c]), s_hi = _mm256_set1_epi16(sc[2 * c + 1]);
-            int g = (int)sb * 8 + 2 * c;
+            __m256i s_lo = pair_of(scales, 2 * c), s_hi = pair_of(scales, 2 * c + 1);
+            const int64_t g = sb * 8 + 2 * c;
             ROWS_LOOP sum[r] = _mm256_add_epi32(sum[r], _mm256_add_epi32(isum(lo, X(r, g), s_lo), isum(hi, X(r, g + 1), s_hi)));
         }
-        ROWS_LOOP {
-            int32_t mins = 0;
-            for (int j = 0; j < 8; j++) mins += mn[j] * (s16[r][sb * 16 + 2 * j] + s16[r][sb * 16 + 2 * j + 1]);
+        ROWS_LOOP {  /* mins times the sums of each 32 activation codes */
+            __m256i b = _mm256_loadu_si256((const __m256i *)(s16[r] + sb * 16));
+            __m128i sums32 = _mm_hadd_epi16(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
             float dx = st[r][sb];
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(d * dx), acc[r]);
-            off[r] += dmin * dx * (float)mins;
+            offs[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_madd_epi16(mins, sums32)), _mm_set1_ps(dmin * dx), offs[r]);
         }
     }
-    ROWS_LOOP res[r] = hsum(acc[r]) - off[r];
+    ROWS_LOOP res[r] = hsum(acc[r]) - hsum(_mm256_castps128_ps256(offs[r]));
 }
 
 static inline __attribute__((always_inline)) void dot_q6_k(const uint8_t *w, const Acts *a, int64_t m, int R,
                                                             float *res) {
-    __m256 acc[MAX_ROWS];
-    float off[MAX_ROWS];
-    const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(0x03);
+    __m256 acc[MAX_ROWS], offs[MAX_ROWS];
+    const __m256i low4 = _mm256_set1_epi8(0x0F), high2 = _mm256_set1_epi8(0x30);
     ROW_POINTERS_K
-    ROWS_LOOP acc[r] = _mm256_setzero_ps(), off[r] = 0.0f;
+    ROWS_LOOP acc[r] = _mm256_setzero_ps(), offs[r] = _mm256_setzero_ps();
     for (int64_t sb = 0; sb < K / 256; sb++, w += 210) {
         const uint8_t *ql = w, *qh = w + 128;
-        const int8_t *sc = (const int8_t *)(w + 192);
-        const __m128i all_scales = _mm_loadu_si128((const __m128i *)sc);
+        const __m128i all_scales = _mm_loadu_si128((const __m128i *)(w + 192));
+        const __m256i scales16 = _mm256_cvtepi8_epi16(all_scales);
+        /* scales 0-7 and 8-15 as int16 in both lanes: group p takes scale 2p in its low lane, 2p+1 in its high */
+        const __m256i first = _mm256_permute2x128_si256(scales16, scales16, 0x00);
+        const __m256i second = _mm256_permute2x128_si256(scales16, scales16, 0x11);
         float d = half(w + 208);
         __m256i sum[MAX_ROWS];
         ROWS_LOOP sum[r] = _mm256_setzero_si256();
@@ -141,31 +153,32 @@ static inline __attribute__((always_inline)) void dot_q6_k(const uint8_t *w, con
             __m256i A = _mm256_loadu_si256((const __m256i *)(ql + 64 * h));
             __m256i B = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32));
             __m256i H = _mm256_loadu_si256((const __m256i *)(qh + 32 * h));
-            __m256i q[4];
-            q[0] = _mm256_or_si256(_mm256_and_si256(A, low4), _mm256_slli_epi16(_mm256_and_si256(H, low2), 4));
-            q[1] = _mm256_or_si256(_mm256_and_si256(B, low4),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(H, 2), low2), 4));
-            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(A, 4), low4),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(H, 4), low2), 4));
+            __m256i q[4];  /* low 4 bits from A or B, bits 4-5 from H's 2-bit fields */
+            q[0] = _mm256_or_si256(_mm256_and_si256(A, low4), _mm256_and_si256(_mm256_slli_epi16(H, 4), high2));
+            q[1] = _mm256_or_si256(_mm256_and_si256(B, low4), _mm256_and_si256(_mm256_slli_epi16(H, 2), high2));
+            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(A, 4), low4), _mm256_and_si256(H, high2));
             q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(B, 4), low4),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(H, 6), low2), 4));
-            for (int c = 0; c < 4; c++) {  /* one 16-bit scale for each 16 weights: bytes 2p (x8), 2p+1 (x8) */
-                const int64_t p = h * 4 + c;
-                __m128i pick = _mm_set_epi64x((2 * p + 1) * 0x0101010101010101LL, 2 * p * 0x0101010101010101LL);
-                __m256i scales = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(all_scales, pick));
-                int g = (int)sb * 8 + h * 4 + c;
+                                   _mm256_and_si256(_mm256_srli_epi16(H, 2), high2));
+            for (int c = 0; c < 4; c++) {  /* one scale for each 16 weights */
+                const int p = h * 4 + c;
+                const int i = 2 * (p % 4);
+                __m256i scales = _mm256_shuffle_epi8(p < 4 ? first : second,
+                                                     _mm256_setr_epi8(2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1,
+                                                                      2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1,
+                                                                      2 * i + 2, 2 * i + 3, 2 * i + 2, 2 * i + 3, 2 * i + 2, 2 * i + 3, 2 * i + 2, 2 * i + 3,
+                                                                      2 * i + 2, 2 * i + 3, 2 * i + 2, 2 * i + 3, 2 * i + 2, 2 * i + 3, 2 * i + 2, 2 * i + 3));
+                const int64_t g = sb * 8 + p;
                 ROWS_LOOP sum[r] = _mm256_add_epi32(sum[r], isum(q[c], X(r, g), scales));
             }
         }
-        ROWS_LOOP {
-            int32_t centre = 0;  /* the codes are stored + 32 */
-            for (int j = 0; j < 16; j++) centre += sc[j] * s16[r][sb * 16 + j];
+        ROWS_LOOP {  /* the codes are stored + 32: subtract 32 * scale * (sum of each 16 activation codes) */
+            __m256i centre = _mm256_madd_epi16(scales16, _mm256_loadu_si256((const __m256i *)(s16[r] + sb * 16)));
             float dx = st[r][sb];
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(d * dx), acc[r]);
-            off[r] += d * dx * (float)(32 * centre);
+            offs[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(centre), _mm256_set1_ps(32.0f * d * dx), offs[r]);
         }
     }
-    ROWS_LOOP res[r] = hsum(acc[r]) - off[r];
+    ROWS_LOOP res[r] = hsum(acc[r]) - hsum(offs[r]);
 }
 
 static inline __attribute__((always_inline)) void dot_q8_0(const uint8_t *w, const Acts *a, int64_t m, int R,
@@ -283,7 +296,7 @@ static void quantize_row(const void *x, int bf16, int64_t K, int8_t *q, float *s
 }
 
 /* One activation row -> codes rounded per 256 (one step each) and the integer sum of each 16 codes. */
-static void quantize_row_k(const void *x, int bf16, int64_t K, int8_t *q, float *step, int32_t *sum16) {
+static void quantize_row_k(const void *x, int bf16, int64_t K, int8_t *q, float *step, int16_t *sum16) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int64_t sb = 0; sb < K / 256; sb++) {
@@ -300,8 +313,8 @@ static void quantize_row_k(const void *x, int bf16, int64_t K, int8_t *q, float 
                 c[i] = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x, bf16, sb * 256 + b * 32 + 8 * i), _mm256_set1_ps(inv)));
             __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
             _mm256_storeu_si256((__m256i *)(q + sb * 256 + b * 32), _mm256_permutevar8x32_epi32(packed, order));
-            sum16[sb * 16 + 2 * b] = hsum_i32(_mm256_add_epi32(c[0], c[1]));
-            sum16[sb * 16 + 2 * b + 1] = hsum_i32(_mm256_add_epi32(c[2], c[3]));
+            sum16[sb * 16 + 2 * b] = (int16_t)hsum_i32(_mm256_add_epi32(c[0], c[1]));
+            sum16[sb * 16 + 2 * b + 1] = (int16_t)hsum_i32(_mm256_add_epi32(c[2], c[3]));
         }
     }
 }
@@ -348,7 +361,7 @@ int medgem_block_linear(const void *x, int x_bf16, int64_t M, int64_t K, int nse
     float *step = malloc(sizeof(float) * (size_t)(chunk * (K / 32)));
     float *sum16 = malloc(sizeof(float) * (size_t)(chunk * (K / 16)));
     float *stepk = malloc(sizeof(float) * (size_t)(chunk * (K / 256) + 1));
-    int32_t *isum16 = malloc(sizeof(int32_t) * (size_t)(chunk * (K / 16)));
+    int16_t *isum16 = malloc(sizeof(int16_t) * (size_t)(chunk * (K / 16)) + 32);
     if (!q || !qk || !step || !sum16 || !stepk || !isum16) {
         free(q), free(qk), free(step), free(sum16), free(stepk), free(isum16);
         return -1;
@@ -370,7 +383,10 @@ int medgem_block_linear(const void *x, int x_bf16, int64_t M, int64_t K, int nse
             int s = 0;
             int64_t local = n;
             while (local >= rows[s]) local -= rows[s++];
-            const uint8_t *w = (const uint8_t *)weights[s] + local * row_bytes(types[s], K);
+            const int64_t bytes = row_bytes(types[s], K);
+            const uint8_t *w = (const uint8_t *)weights[s] + local * bytes;
+            if (local + AHEAD < rows[s])  /* the hardware prefetcher stops at each 4 KiB page of the map */
+                for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char *)(w + AHEAD * bytes + b), _MM_HINT_T0);
             float res[MAX_ROWS];
             int64_t m = 0;
             for (; m + 4 <= mc; m += 4) {
