@@ -35,7 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(common)
     common.add_argument("--limit", type=int, default=None, help="only the first N items")
     common.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
-    common.add_argument("--subgroups", default="", help="comma-separated metadata columns, e.g. sex,age_band")
+    common.add_argument("--subgroups", default="", help="comma-separated metadata columns, e.g. sex,age_band; a "
+                        "numeric one is binned: age:10 (bands of width 10), age:q4 (quartiles), plain age (quartiles "
+                        "when it has more than 8 values)")
     common.add_argument("--batch-size", type=int, default=8, help="prompts per model call")
     common.add_argument("--max-new-tokens", type=int, default=None, help="generation length (default per task)")
     common.add_argument("--chat", action="store_true", help="send prompts as a user turn (instruction-tuned models)")
@@ -70,6 +72,7 @@ def _task_options(parser: argparse.ArgumentParser, task: str) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from medgem.eval.report import text_summary
     from medgem.eval.runner import RunConfig, evaluate
     from medgem.eval.tasks import load_task
 
@@ -84,15 +87,7 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     cfg.validate(task)
     results = evaluate(task, load_from_args(args), args.out, cfg)
-    for name, e in results["metrics"].items():
-        ci = f" [{e['low']:.3f}, {e['high']:.3f}]" if e["low"] is not None else ""
-        value = "n/a" if e["value"] is None else f"{e['value']:.3f}"
-        print(f"{name}: {value}{ci}  (n={e['n']})")
-    for entry in results["subgroups"]:
-        for metric, gap in entry["gaps"].items():
-            if gap["flag"]:
-                print(f"gap flagged: {metric} by {entry['column']}: {gap['high_group']} - {gap['low_group']} "
-                      f"= {gap['gap']:.3f} [{gap['low']:.3f}, {gap['high']:.3f}]")
+    print("\n".join(text_summary(results)))
     print(f"report: {args.out}/report.html")
     return 0
 

@@ -440,7 +440,7 @@ def _questions(pid: str, facts: dict[str, Any], rng: random.Random) -> list[dict
     out.append(_q("When was the most recent imaging study?", study["date"], "date",
                   [{"ref": s["ref"], "fact": f"{s['name']} on {s['date']}"} for s in facts["imaging"]], "imaging"))  # fmt: skip
     for item in out:
-        item.update(patient_id=pid, sex=facts["sex"], age_band=facts["age_band"])
+        item.update(patient_id=pid, sex=facts["sex"], age=facts["age"], age_band=facts["age_band"])
     return out
 
 

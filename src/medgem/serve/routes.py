@@ -372,8 +372,12 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
 
 
 def _models(rt: Runtime) -> list[dict[str, Any]]:
-    return [{"id": name, "object": "model", "created": rt.created, "owned_by": "medgem"}
-            for name in (rt.model_id, rt.embedding_id) if name]
+    """OpenAI's model cards; the generation model's also says whether it is a base model (null while it
+    loads), so the web page opens in completion mode for one."""
+    cards = [{"id": name, "object": "model", "created": rt.created, "owned_by": "medgem"}
+             for name in (rt.model_id, rt.embedding_id) if name]
+    cards[0]["base_model"] = None if rt.pipe is None else rt.pipe.base_model
+    return cards
 
 
 @router.get("/v1/models")
