@@ -7,6 +7,7 @@ accounting live in one place.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from medgem.errors import CapabilityError, InputError
 from medgem.processing.multimodal import MultimodalProcessor
 from medgem.processing.tokenizer import Tokenizer, render_chat
 from medgem.weights import (
+    check_device,
     embedded_gguf,
     hf,
     load_text_model,
@@ -68,6 +70,7 @@ class Pipeline:
         self.source = source
         self.load_seconds = load_seconds
         self.compiled = False  # set by compile()
+        self.base_model = False  # a pretrained, not instruction-tuned, model: completion prompts suit it (load sets it)
         self.engine = Generator(model, text_config, lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
                                 tokenizer.stop_ids, tokenizer.pad_id)
         self.draft: Callable[[], Drafter | PromptLookup] | None = None  # makes the drafter: use_draft/use_prompt_lookup
@@ -244,6 +247,7 @@ def load(src: str | Path | None = None, *, mmproj: str | Path | None = None, dty
     load with no dtype asked for uses int8 (about twice the decode speed, greedy text nearly unchanged);
     asking for a dtype, or another device, keeps dense weights.
     """
+    check_device(device)
     if quant is None:
         quant = "int8" if device == "cpu" and dtype is None else "none"
     if quant not in QUANT_MODES:
@@ -274,7 +278,21 @@ def load(src: str | Path | None = None, *, mmproj: str | Path | None = None, dty
         processor = MultimodalProcessor.for_model(tokenizer, model.config, info.get("preprocessor_config"))
     name = "embedded Gemma 3 270M (general, not medical)" if src is None else str(src)
     log.info("loaded %s in %.1f s", name, time.perf_counter() - start)
-    return Pipeline(model, tokenizer, text_config, name, time.perf_counter() - start, processor)
+    pipe = Pipeline(model, tokenizer, text_config, name, time.perf_counter() - start, processor)
+    pipe.base_model = is_base_model(path, info)
+    return pipe
+
+
+def is_base_model(path: Path, info: dict[str, Any]) -> bool:
+    """Whether a checkpoint is pretrained only (chat prompts then give repetitive text), from what it says of
+    itself: llama.cpp's converter writes `general.finetune` ("it", "instruct") for tuned models, and names of
+    Google's checkpoints end in -it or -pt. Unknown folders count as tuned, so no one is told wrongly."""
+    tuned, base = r"(^|[-_.])(it|instruct|chat)([-_.]|$)", r"(^|[-_.])(pt|base)([-_.]|$)"
+    name = path.name.lower()
+    finetune = str((info.get("metadata") or {}).get("general.finetune", "")).lower()
+    if re.search(tuned, name) or re.search(tuned, f"-{finetune}-"):
+        return False
+    return info.get("format") == "gguf" and not finetune or bool(re.search(base, name))
 
 
 DRAFT_TOKENS = {"lookup": 8, "model": 4}  # default tokens a step: copying is cheap, a draft model is not

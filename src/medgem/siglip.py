@@ -29,7 +29,7 @@ from medgem.errors import CheckpointError, InputError
 from medgem.inputs.images import ImageSource, load_image
 from medgem.nn.siglip import SiglipModel
 from medgem.processing.images import ImageProcessor
-from medgem.weights import local_checkpoint
+from medgem.weights import check_device, local_checkpoint
 from medgem.weights.multimodal import read_preprocessor_config
 from medgem.weights.siglip import load_siglip_model
 
@@ -186,6 +186,7 @@ def _resolve(src: str | os.PathLike[str] | None) -> Path:
 def load_siglip(src: str | os.PathLike[str], *, dtype: str | None = None, device: str = "cpu") -> SiglipEncoder:
     """A SigLIP / MedSigLIP dual encoder from an HF folder (config.json, *.safetensors, spiece.model,
     optionally preprocessor_config.json and tokenizer_config.json), or a hub id where a hub is reachable."""
+    check_device(device)
     folder = _resolve(src)
     model, _ = load_siglip_model(folder, dtype=dtype, device=device)
     size = model.config.vision.image_size

@@ -1,9 +1,12 @@
 """The web page in headless Chromium (Debian's chromium + chromium-driver, driven by selenium):
-the notice is visible, a question gets a streamed answer equal to the model's greedy answer, and the
+the notice is visible, the embedded base model opens in completion mode (and says so) and continues a
+completion-style prompt with its greedy text, a chat question gets a streamed answer equal to the model's
+greedy answer, and the
 RG1_UNCR chest DICOM gets a de-identified preview, with the window choice reaching the server."""
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pydicom
@@ -22,6 +25,25 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
                                 reason="needs Debian's chromium and chromium-driver (apt-get install -y chromium "
                                        "chromium-driver)")
 QUESTION = "What does a chest X-ray show?"
+PROMPT = "Pneumonia is an infection of the"
+
+
+def ask(browser, wait, text: str) -> str:
+    """Send `text` from the page and return the answer once it has finished streaming (each step of it is
+    kept in window.updates)."""
+    browser.find_element(By.ID, "question").send_keys(text)
+    browser.execute_script("""
+        window.updates = [];
+        new MutationObserver(() => {
+          const answers = document.querySelectorAll('.msg.assistant span');
+          if (answers.length) window.updates.push(answers[answers.length - 1].textContent);
+        }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
+    """)
+    before = len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant span"))
+    browser.find_element(By.ID, "send").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant span")) > before
+               and d.find_element(By.ID, "send").is_enabled() and d.find_element(By.ID, "stop").get_attribute("disabled"))
+    return browser.find_elements(By.CSS_SELECTOR, ".msg.assistant span")[-1].get_attribute("textContent")
 
 
 @pytest.fixture()
@@ -48,20 +70,16 @@ def test_chat_streams_and_dicom_preview(browser, text_server, real_pipe, chest_d
     max_tokens = browser.find_element(By.ID, "max-tokens")
     max_tokens.clear()
     max_tokens.send_keys("12")
-    browser.find_element(By.ID, "question").send_keys(QUESTION)
-    browser.execute_script("""
-        window.updates = [];
-        new MutationObserver(() => {
-          const answers = document.querySelectorAll('.msg.assistant span');
-          if (answers.length) window.updates.push(answers[answers.length - 1].textContent);
-        }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
-    """)
-    browser.find_element(By.ID, "send").click()
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant span")
-               and d.find_element(By.ID, "send").is_enabled() and d.find_element(By.ID, "stop").get_attribute("disabled"))
-    answer = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant span")[-1].get_attribute("textContent")
+    # A base model opens in completion mode and says so: a completion-style prompt gets a sensible answer.
+    mode = Select(browser.find_element(By.ID, "mode"))
+    wait.until(lambda d: mode.first_selected_option.get_attribute("value") == "completion")
+    assert "completion" in mode.first_selected_option.text and browser.find_element(By.ID, "mode-hint").is_displayed()
+    expected = real_pipe.complete([PROMPT], raw=True, max_new_tokens=12, temperature=0)[0].text
+    assert ask(browser, wait, PROMPT) == expected and len(re.findall(r"[A-Za-z]{3,}", expected)) >= 3
+
+    mode.select_by_value("chat")  # the chat turns, streamed as they are generated
     expected = real_pipe.complete([[{"role": "user", "content": QUESTION}]], max_new_tokens=12, temperature=0)[0].text
-    assert answer == expected
+    assert ask(browser, wait, QUESTION) == expected
     growing = [u for u in browser.execute_script("return window.updates") if u]
     assert len(set(growing)) >= 3, f"the answer did not stream: {growing}"
     assert all(expected.startswith(u) for u in growing)

@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from medgem import progress
 from medgem.cli.common import add_model_args, load_from_args, print_notice
 
 
@@ -23,9 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "decode tok/s = (new tokens - 1) / time of the rest, median of --runs runs after a warm-up.",
     )
     add_model_args(parser)
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length to prefill")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens to decode each run")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs (the median is reported)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the result as JSON")
     parser.set_defaults(func=run)
 
@@ -44,8 +45,9 @@ def run(args: argparse.Namespace) -> int:
         "model": pipe.source, "quant": getattr(text, "quantization", "none"),
         "dtype": str(activation_dtype(pipe.model)).removeprefix("torch."),
         "compiled": pipe.compiled, "draft": args.draft, "threads": torch.get_num_threads(),
-        **bench_pipeline(pipe, args.prompt_tokens, args.new_tokens, args.runs),
     }
+    with progress.step(f"benchmarking: a warm-up and {args.runs} runs of {args.prompt_tokens} + {args.new_tokens} tokens"):
+        result.update(bench_pipeline(pipe, args.prompt_tokens, args.new_tokens, args.runs))
     for key, value in result.items():
         print(f"{key:>28}  {value}")
     if args.json:

@@ -6,7 +6,16 @@ import argparse
 import os
 import sys
 
+from medgem import progress
+from medgem.inputs.dicom import WINDOW_PRESETS
 from medgem.notice import NOTICE
+
+WINDOW_HELP = (
+    "VOI window: a CT preset ("
+    + ", ".join(f"{name} {c:g}/{w:g}" for name, (c, w) in WINDOW_PRESETS.items())
+    + " HU as center/width; CT only), CENTER/WIDTH (write --window=-500/2000 when the center is negative), "
+    "'minmax', or 'auto' = the file's own window (default)"
+)
 
 
 def int_at_least(low: int):
@@ -55,11 +64,13 @@ def load_from_args(args: argparse.Namespace):
     import medgem
     from medgem.pipeline import add_draft
 
-    pipe = medgem.load(args.model, mmproj=args.mmproj, dtype=args.dtype, device=args.device, quant=args.quant)
+    with progress.step(f"loading {args.model or 'the embedded Gemma 3 270M'}"):
+        pipe = medgem.load(args.model, mmproj=args.mmproj, dtype=args.dtype, device=args.device, quant=args.quant)
     if getattr(args, "compile", False):
         pipe.compile()
     if getattr(args, "draft", None):
-        add_draft(pipe, args.draft, args.draft_tokens, dtype=args.dtype, device=args.device, quant=args.quant)
+        with progress.step(f"loading the draft ({args.draft})"):
+            add_draft(pipe, args.draft, args.draft_tokens, dtype=args.dtype, device=args.device, quant=args.quant)
     return pipe
 
 

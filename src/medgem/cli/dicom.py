@@ -14,19 +14,14 @@ import argparse
 import json
 from pathlib import Path
 
-from medgem.cli.common import int_at_least, positive_int, print_notice
+from medgem import progress
+from medgem.cli.common import WINDOW_HELP, int_at_least, positive_int, print_notice
 from medgem.errors import InputError
 from medgem.inputs.deid import safe_summary
-from medgem.inputs.dicom import DEFAULT_SLICES, WINDOW_PRESETS, read_dicom, read_series
+from medgem.inputs.dicom import DEFAULT_SLICES, read_dicom, read_series
 from medgem.inputs.images import contact_sheet, load_image, load_images_from_path
 
 _SHEET_TILE = 256
-_WINDOW_HELP = (
-    "VOI window: a CT preset ("
-    + ", ".join(f"{name} {c:g}/{w:g}" for name, (c, w) in WINDOW_PRESETS.items())
-    + " HU as center/width), CENTER/WIDTH (write --window=-500/2000 when the center is negative), "
-    "'minmax', or 'auto' = the file's own window (default)"
-)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -55,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     preview.add_argument("path", metavar="FILE_OR_DIR", help="DICOM/PNG/JPEG file or a series folder")
     preview.add_argument("-o", "--output", required=True, type=Path, help="PNG file to write")
-    preview.add_argument("--window", default=None, help=_WINDOW_HELP)
+    preview.add_argument("--window", default=None, help=WINDOW_HELP)
     preview.add_argument("--frame", type=int_at_least(0), default=None, help="one frame of a multi-frame file (from 0)")
     preview.add_argument(
         "--slices",
@@ -76,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_info(args: argparse.Namespace) -> int:
     print_notice()
     if Path(args.path).is_dir():
-        slices, method = read_series(args.path, progress=True)
+        slices, method = read_series(args.path, progress=progress.enabled())
         summary = {"slices": len(slices), "sorted_by": method, **safe_summary(slices[0])}
     else:
         summary = safe_summary(read_dicom(args.path, pixels=False))
@@ -100,7 +95,7 @@ def run_preview(args: argparse.Namespace) -> int:
         images = [load_image(args.path, args.window, frame=args.frame)]
     else:
         images = load_images_from_path(
-            args.path, args.slices or DEFAULT_SLICES, window=args.window, progress=True
+            args.path, args.slices or DEFAULT_SLICES, window=args.window, progress=progress.enabled()
         )
     if len(images) == 1:
         picture = images[0]

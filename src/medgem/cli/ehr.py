@@ -13,8 +13,10 @@ import json
 import sys
 from pathlib import Path
 
+from medgem import progress
 from medgem.cli.common import add_model_args, load_from_args, print_notice
 from medgem.errors import InputError
+from medgem.inputs.dicom import missing_path
 from medgem.inputs.text import check_depth, read_text
 
 DEFAULT_BUDGET = 2000
@@ -64,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ask.add_argument("--out", type=Path, help="predictions JSONL to write (with --qa)")
     ask.add_argument("--limit", type=int, default=None, help="answer only the first N items of --qa")
     ask.add_argument("--image", type=Path, help="an image (or DICOM) to ask about with the record")
-    ask.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help=f"prompt token budget (default {DEFAULT_BUDGET})")
+    ask.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="prompt token budget")
     ask.add_argument("--retriever", choices=["bm25", "hybrid"], default="bm25",
                      help="excerpt ranking: BM25, or BM25 fused with MiniLM embeddings")  # fmt: skip
     ask.add_argument("--answer-type", choices=["quantity", "date", "yes_no", "count"], default=None,
@@ -78,8 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth = actions.add_parser("synth", help="write synthetic FHIR patients and an EHR-QA set",
                                description="Write DIR/bundles/<id>.json (FHIR R4 Bundles), DIR/truth.jsonl "
                                "(ground-truth facts) and DIR/qa.jsonl (questions with exact answers).")  # fmt: skip
-    synth.add_argument("--patients", type=int, default=50)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--patients", type=int, default=50, help="how many synthetic patients")
+    synth.add_argument("--seed", type=int, default=0, help="the same seed writes the same patients")
     synth.add_argument("--out", type=Path, required=True)
     synth.set_defaults(func=run_synth)
 
@@ -162,27 +164,29 @@ def run_ask(args: argparse.Namespace) -> int:
     if not args.bundle or not args.question:
         raise InputError('ask needs RECORD and "question" (or --qa QA.jsonl --out preds.jsonl)')
     if args.image is not None and not args.image.exists():
-        raise InputError(f"--image {args.image.name}: no such file")
+        raise InputError(f"--image {missing_path(args.image)}: no such file")
     print_notice()
     answer_type = args.answer_type or qa.infer_answer_type(args.question)
     max_new = args.max_new_tokens or (qa.MAX_NEW_TOKENS if answer_type else 96)
     pipe = load_from_args(args)
-    prompt, _ = _asker(args, pipe, max_new).prompt(args.bundle, args.question, answer_type)
+    with progress.step("reading the record"):
+        prompt, _ = _asker(args, pipe, max_new).prompt(args.bundle, args.question, answer_type)
     if args.show_context:
         print(prompt, file=sys.stderr)
-    if args.image is not None:
-        message = [{"role": "user", "content": [{"type": "image", "image": str(args.image)},
-                                                {"type": "text", "text": prompt}]}]  # fmt: skip
-        text = pipe.generate(message, max_new_tokens=max_new, temperature=0.0)
-    else:
-        text = pipe.generate(prompt, raw=True, max_new_tokens=max_new, temperature=0.0, stop=qa.STOP)
+    with progress.step("answering"):
+        if args.image is not None:
+            message = [{"role": "user", "content": [{"type": "image", "image": str(args.image)},
+                                                    {"type": "text", "text": prompt}]}]  # fmt: skip
+            text = pipe.generate(message, max_new_tokens=max_new, temperature=0.0)
+        else:
+            text = pipe.generate(prompt, raw=True, max_new_tokens=max_new, temperature=0.0, stop=qa.STOP)
     print(qa.extract(text, answer_type) or text.strip())
     return 0
 
 
 def _read_qa(path: Path, limit: int | None) -> list[dict]:
     if not path.exists():
-        raise InputError(f"--qa {path.name}: no such file")
+        raise InputError(f"--qa {missing_path(path)}: no such file")
     items = []
     for number, line in enumerate(read_text(path, f"--qa {path.name}").splitlines(), 1):
         if not line.strip():
@@ -217,7 +221,8 @@ def _run_batch(args: argparse.Namespace) -> int:
     asker = _asker(args, pipe, max_new)
     rows = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w") as out, tqdm(total=len(items), desc="ehr ask", unit="q") as bar:
+    with args.out.open("w") as out, tqdm(total=len(items), desc="ehr ask", unit="q",
+                                         disable=not progress.enabled()) as bar:
         for start in range(0, len(items), args.batch_size):
             batch = items[start : start + args.batch_size]
             prompts, contexts = [], []
@@ -249,6 +254,8 @@ def run_synth(args: argparse.Namespace) -> int:
     if args.patients < 1:
         raise InputError("--patients must be at least 1")
     print_notice()
-    summary = write(args.out, args.patients, args.seed, progress=True)
+    summary = write(args.out, args.patients, args.seed, progress=progress.enabled())
     print(json.dumps(summary))
+    print(f"try: medgem ehr timeline {summary['first_bundle']}\n"
+          f"     medgem ehr ask {summary['first_bundle']} \"Most recent potassium?\"", file=sys.stderr)
     return 0

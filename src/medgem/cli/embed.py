@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medgem import progress
 from medgem.cli.common import print_notice
 from medgem.errors import ConfigError, InputError
 
@@ -36,7 +37,8 @@ def load_encoder(args: argparse.Namespace):
         raise ConfigError("no SigLIP model: pass --model FOLDER (a MedSigLIP checkpoint) or set MEDGEM_SIGLIP_MODEL")
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
-    return medgem.load_siglip(args.model, dtype=args.dtype, device=args.device)
+    with progress.step(f"loading {args.model}"):
+        return medgem.load_siglip(args.model, dtype=args.dtype, device=args.device)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -63,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     print_notice()
     encoder = load_encoder(args)
     vectors = np.concatenate([
-        encoder.embed_images(args.images, batch_size=args.batch_size, progress=len(args.images) > args.batch_size),
+        encoder.embed_images(args.images, batch_size=args.batch_size,
+                             progress=len(args.images) > args.batch_size and progress.enabled()),
         encoder.embed_texts(args.text),
     ])
     if args.output:

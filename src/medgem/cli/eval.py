@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from medgem import progress
 from medgem.cli.common import add_model_args, load_from_args, print_notice
 
 TASK_HELP = {
@@ -32,19 +33,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     common.add_argument("--data", required=True, help="the data file (see the task's format)")
     common.add_argument("--out", required=True, help="output folder (resumes if it holds this run)")
     add_model_args(common)
-    common.add_argument("--method", choices=["generate", "loglik"], default="generate",
-                        help="generate and parse the answer, or score each option by log-likelihood")
     common.add_argument("--limit", type=int, default=None, help="only the first N items")
     common.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
-    common.add_argument("--subgroups", default="", help="comma-separated metadata columns, e.g. sex,age_band")
+    common.add_argument("--subgroups", default="", help="comma-separated metadata columns, e.g. sex,age_band; a "
+                        "numeric one is binned: age:10 (bands of width 10), age:q4 (quartiles), plain age (quartiles "
+                        "when it has more than 8 values)")
     common.add_argument("--batch-size", type=int, default=8, help="prompts per model call")
     common.add_argument("--max-new-tokens", type=int, default=None, help="generation length (default per task)")
     common.add_argument("--chat", action="store_true", help="send prompts as a user turn (instruction-tuned models)")
-    common.add_argument("--threshold", type=float, default=0.5, help="classification decision threshold")
     common.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
-    common.add_argument("--budget", type=int, default=2048, help="EHR-QA: prompt tokens for a record read from FHIR")
     for name, text in TASK_HELP.items():
-        tasks.add_parser(name, parents=[common], help=text, description=text).set_defaults(func=run_eval)
+        task = tasks.add_parser(name, parents=[common], help=text, description=text)
+        _task_options(task, name)
+        task.set_defaults(func=run_eval)
     cmp = tasks.add_parser("compare", help="side-by-side table of two finished runs",
                            description="Compare two runs of the same task (e.g. base vs fine-tuned).")
     cmp.add_argument("first", help="first run's --out folder")
@@ -55,29 +56,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
 
+MCQ_TASKS = ("medqa", "medmcqa", "pubmedqa", "mmlu")
+
+
+def _task_options(parser: argparse.ArgumentParser, task: str) -> None:
+    """The options only some tasks use, on those tasks alone (`eval medqa --help` lists what medqa takes);
+    the others get the RunConfig defaults."""
+    if task in (*MCQ_TASKS, "classify"):
+        parser.add_argument("--method", choices=["generate", "loglik"], default="generate",
+                            help="generate and parse the answer, or score each option by log-likelihood")
+    if task == "classify":
+        parser.add_argument("--threshold", type=float, default=0.5, help="classification decision threshold")
+    if task == "ehrqa":
+        parser.add_argument("--budget", type=int, default=2048, help="prompt tokens for a record read from FHIR")
+
+
 def run_eval(args: argparse.Namespace) -> int:
+    from medgem.eval.report import text_summary
     from medgem.eval.runner import RunConfig, evaluate
     from medgem.eval.tasks import load_task
 
     print_notice()
     task = load_task(args.eval_task, args.data)  # read (and validate) the data before loading a model
+    only = {k: getattr(args, k) for k in ("method", "threshold", "budget") if hasattr(args, k)}  # _task_options
     cfg = RunConfig(
-        method=args.method, model_name=args.model or "embedded", limit=args.limit, seed=args.seed,
+        model_name=args.model or "embedded", limit=args.limit, seed=args.seed,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, chat=args.chat,
         subgroups=[c.strip() for c in args.subgroups.split(",") if c.strip()], n_boot=args.n_boot,
-        threshold=args.threshold, budget=args.budget,
+        progress=progress.enabled(), **only,
     )
     cfg.validate(task)
     results = evaluate(task, load_from_args(args), args.out, cfg)
-    for name, e in results["metrics"].items():
-        ci = f" [{e['low']:.3f}, {e['high']:.3f}]" if e["low"] is not None else ""
-        value = "n/a" if e["value"] is None else f"{e['value']:.3f}"
-        print(f"{name}: {value}{ci}  (n={e['n']})")
-    for entry in results["subgroups"]:
-        for metric, gap in entry["gaps"].items():
-            if gap["flag"]:
-                print(f"gap flagged: {metric} by {entry['column']}: {gap['high_group']} - {gap['low_group']} "
-                      f"= {gap['gap']:.3f} [{gap['low']:.3f}, {gap['high']:.3f}]")
+    print("\n".join(text_summary(results)))
     print(f"report: {args.out}/report.html")
     return 0
 

@@ -15,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+from medgem import progress
 from medgem.cli.common import print_notice
 from medgem.errors import InputError
 
@@ -111,7 +112,7 @@ def run_sft(args: argparse.Namespace) -> int:
         device=args.device, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         eval_every=args.eval_every, eval_fraction=args.eval_fraction, fsdp=args.fsdp, lora=lora,
     )
-    trainer = Trainer(cfg, args.data, args.eval_data, progress=not args.no_progress)
+    trainer = Trainer(cfg, args.data, args.eval_data, progress=not args.no_progress and progress.enabled())
     summary = trainer.run(resume=args.resume)
     if trainer.dist.main:
         shown = {k: summary[k] for k in ("steps", "train_examples", "eval_examples", "train_seconds", "first_loss",
@@ -225,7 +226,7 @@ def run_siglip(args: argparse.Namespace) -> int:
     if checkpoints(args.out) and not args.resume:
         raise InputError(f"{args.out} already holds checkpoints; pass --resume to continue, or choose another --out")
     print_notice()
-    final = train_contrastive(args.model, args.data, args.out, cfg, resume=args.resume, progress=not args.no_progress)
+    final = train_contrastive(args.model, args.data, args.out, cfg, resume=args.resume, progress=not args.no_progress and progress.enabled())
     last = json.loads((args.out / "log.jsonl").read_text().splitlines()[-1])
     print(json.dumps({"final": str(final), "steps": last["step"], "loss": last["loss"], "log": str(args.out / "log.jsonl")},
                      indent=1))

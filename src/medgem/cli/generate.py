@@ -8,20 +8,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from medgem.cli.common import add_model_args, load_from_args, print_notice
+from medgem import progress
+from medgem.cli.common import WINDOW_HELP, add_model_args, load_from_args, print_notice
 from medgem.errors import InputError
 from medgem.inputs.text import clean_text
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", default=None, help="system instruction (folded into the first user turn)")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--min-p", type=float, default=0.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the top tokens up to this mass")
+    parser.add_argument("--top-k", type=int, default=0, help="keep only the k likeliest tokens (0 = all)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this fraction of the top one")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 discourages repeats")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same text)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON object: text, ids, timings, tok/s")
 
@@ -48,8 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     chat.add_argument("question", nargs="?", default=None)
     chat.add_argument("--image", action="append", default=[], metavar="FILE_OR_DIR",
                       help="image, DICOM file, or DICOM series folder (repeatable)")
-    chat.add_argument("--window", default=None, help="DICOM window preset (lung, mediastinum, bone, brain, abdomen)")
-    chat.add_argument("--slices", type=int, default=None, help="slices to take from a DICOM series or multi-frame file")
+    chat.add_argument("--window", default=None, help=f"with --image: {WINDOW_HELP}")
+    chat.add_argument("--slices", type=int, default=None,
+                      help="with --image: slices to take from a DICOM series or multi-frame file")
     add_model_args(chat)
     add_sampling_args(chat)
     chat.set_defaults(func=run_chat)
@@ -76,7 +78,8 @@ def _report(pipe, completion, as_json: bool) -> None:
 def _stream(pipe, prompt, args, raw: bool) -> str:
     """Print the answer as it is generated (or as JSON at the end); return its text."""
     if args.json:
-        completion = pipe.complete([prompt], raw=raw, system=args.system, **sampling_kwargs(args))[0]
+        with progress.step("generating"):
+            completion = pipe.complete([prompt], raw=raw, system=args.system, **sampling_kwargs(args))[0]
         _report(pipe, completion, True)
         return completion.text
     for piece in pipe.stream(prompt, raw=raw, system=args.system, **sampling_kwargs(args)):
@@ -96,8 +99,17 @@ def run_generate(args: argparse.Namespace) -> int:
     validate_sampling(args)
     print_notice()
     pipe = load_from_args(args)
+    if not args.raw:
+        hint_base_model(pipe)
     _stream(pipe, prompt, args, raw=args.raw)
     return 0
+
+
+def hint_base_model(pipe) -> None:
+    """A base model answers chat-format prompts with repetitive text; say so once, with the fix, before it does."""
+    if pipe.base_model:
+        print(f"medgem: note: {pipe.source} is a base model, not instruction-tuned, so chat prompts give "
+              "repetitive text; use completion mode: medgem generate --raw \"Sepsis is defined as\"", file=sys.stderr)
 
 
 def image_parts(paths: list[str], window: str | None, slices: int | None) -> list[dict[str, Any]]:
@@ -121,8 +133,12 @@ def validate_sampling(args: argparse.Namespace) -> None:
 
 def run_chat(args: argparse.Namespace) -> int:
     validate_sampling(args)
+    if not args.image and (args.window is not None or args.slices is not None):
+        flag = "--window" if args.window is not None else "--slices"
+        raise InputError(f"{flag} applies to --image and no --image was given; add --image FILE or drop {flag}")
     print_notice()
     pipe = load_from_args(args)
+    hint_base_model(pipe)
     images = image_parts(args.image, args.window, args.slices) if args.image else []
     history: list[dict[str, Any]] = []
 

@@ -12,6 +12,7 @@ import json
 from functools import partial
 from pathlib import Path
 
+from medgem import progress
 from medgem.cli.common import print_notice
 from medgem.cli.embed import add_siglip_args, load_encoder
 from medgem.retrieval.index import ImageIndex
@@ -81,7 +82,8 @@ def run_build(args: argparse.Namespace) -> int:
 
             embed_batches = partial(ray_embed_batches, model=str(Path(args.model).resolve()), address=args.ray_address,
                                     dtype=args.dtype, batch_size=args.batch_size, workers=args.workers)
-        stats = index.add(args.dir, encoder, batch_size=args.batch_size, embed_batches=embed_batches)
+        stats = index.add(args.dir, encoder, batch_size=args.batch_size, embed_batches=embed_batches,
+                           progress=progress.enabled())
         print(f"{stats['added']} added, {stats['skipped']} unchanged, {stats['failed']} unreadable; "
               f"{len(index)} images in {folder}")
     return 0

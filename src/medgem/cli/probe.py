@@ -10,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from medgem import progress
 from medgem.cli.common import print_notice
 from medgem.cli.embed import add_siglip_args, load_encoder
 from medgem.errors import ConfigError, InputError
@@ -56,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _embed(args: argparse.Namespace, images: list[str]):
     encoder = load_encoder(args)
-    return encoder, encoder.embed_images(images, batch_size=args.batch_size, progress=True)
+    return encoder, encoder.embed_images(images, batch_size=args.batch_size, progress=progress.enabled())
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 from medgem.cli.common import add_model_args, print_notice
@@ -25,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="a MedSigLIP folder to serve on /v1/embeddings (texts and images)")
     parser.add_argument("--host", default=os.environ.get("MEDGEM_HOST", "127.0.0.1"),
                         help="address to bind (default 127.0.0.1; other addresses need API keys)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("MEDGEM_PORT", "8000")))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("MEDGEM_PORT", "8000")), help="port to listen on")
     parser.add_argument("--api-key", action="append", default=None, metavar="KEY",
                         help="accept this bearer key (repeatable; default: MEDGEM_API_KEYS, comma separated)")
     parser.add_argument("--api-key-file", default=os.environ.get("MEDGEM_API_KEY_FILE"), metavar="FILE",
@@ -38,6 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-tokens-default", type=int, default=None,
                         help=f"tokens generated when a request omits max_tokens (default {d.default_max_tokens}, "
                         "at most --max-tokens)")
+    parser.add_argument("--default-temperature", type=float, default=1.0, metavar="T",
+                        help="temperature of requests that omit it (OpenAI's default is 1.0; 0 is greedy, which "
+                        "suits a base model such as the embedded 270M)")
+    parser.add_argument("--no-access-log", action="store_true",
+                        help="no per-request line (method, route, status, tokens, ms; never the prompt) on stderr")
     parser.add_argument("--request-timeout", type=float, default=0.0, metavar="SECONDS",
                         help="a generation taking longer is cancelled and answered 504 (default: no limit)")
     parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
@@ -74,8 +80,11 @@ def settings_from_args(args: argparse.Namespace):
             raise ConfigError(f"{flag} must be at least 1 (got {value})")
     if args.max_queue < 0 or args.max_body_mb <= 0:
         raise ConfigError("--max-queue must be >= 0 and --max-body-mb > 0")
-    if args.rate_limit < 0 or args.request_timeout < 0:
-        raise ConfigError("--rate-limit and --request-timeout must be >= 0")
+    if args.rate_limit < 0 or args.request_timeout < 0 or args.default_temperature < 0:
+        raise ConfigError("--rate-limit, --request-timeout and --default-temperature must be >= 0")
+    from medgem.weights import check_device
+
+    check_device(args.device)  # here, not in the background load, where the error would only be logged
     if args.max_tokens_default > args.max_tokens:
         raise ConfigError(f"--max-tokens-default must be at most --max-tokens ({args.max_tokens})")
     keys = (*(args.api_key or ()), *(keys_from_file(args.api_key_file) if args.api_key_file else ()))
@@ -92,6 +101,7 @@ def settings_from_args(args: argparse.Namespace):
         cors_origins=tuple(args.cors_origin), limits=limits, max_batch=args.max_batch, max_queue=args.max_queue,
         drain_seconds=args.drain_seconds, thinking=args.thinking, public_paths=tuple(args.public),
         rate_limit=args.rate_limit, rate_burst=args.rate_burst, request_timeout=args.request_timeout,
+        default_temperature=args.default_temperature,
         debug=args.debug or os.environ.get("MEDGEM_DEBUG") == "1",
     )
 
@@ -99,6 +109,10 @@ def settings_from_args(args: argparse.Namespace):
 def run_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     print_notice()
+    if not args.no_access_log:
+        from medgem.serve.app import access_log
+
+        access_log.setLevel(logging.INFO)
     if args.ray:
         from medgem.serve import ray_app
 

@@ -440,7 +440,7 @@ def _questions(pid: str, facts: dict[str, Any], rng: random.Random) -> list[dict
     out.append(_q("When was the most recent imaging study?", study["date"], "date",
                   [{"ref": s["ref"], "fact": f"{s['name']} on {s['date']}"} for s in facts["imaging"]], "imaging"))  # fmt: skip
     for item in out:
-        item.update(patient_id=pid, sex=facts["sex"], age_band=facts["age_band"])
+        item.update(patient_id=pid, sex=facts["sex"], age=facts["age"], age_band=facts["age_band"])
     return out
 
 
@@ -458,7 +458,7 @@ def write(out: str | Path, patients: int, seed: int, progress: bool = False) -> 
 
     out = Path(out)
     (out / "bundles").mkdir(parents=True, exist_ok=True)
-    questions = 0
+    questions, first = 0, ""
     with (out / "qa.jsonl").open("w") as qa, (out / "truth.jsonl").open("w") as truth:
         for i in tqdm(range(patients), desc="synth", unit="patient", disable=not progress):
             p = make_patient(seed, i)
@@ -468,4 +468,5 @@ def write(out: str | Path, patients: int, seed: int, progress: bool = False) -> 
             for item in p.qa:
                 qa.write(json.dumps({"bundle": path, **item}) + "\n")
             questions += len(p.qa)
-    return {"patients": patients, "questions": questions, "seed": seed, "out": str(out)}
+            first = first or str(out / path)
+    return {"patients": patients, "questions": questions, "seed": seed, "out": str(out), "first_bundle": first}

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from medgem import progress
+
 log = logging.getLogger(__name__)
 
 
@@ -64,7 +66,8 @@ def _build(source: Path, cflags: list[str], runtime: str) -> Path:
         # libgomp (which -fopenmp adds) is not loaded as a second runtime beside it.
         command = [compiler, *cflags, str(source), "-o", str(built), f"-Wl,-rpath,{Path(runtime).parent}",
                    "-Wl,--as-needed", runtime]
-        result = subprocess.run(command, capture_output=True, text=True)
+        with progress.step(f"compiling {source.name} into {target.parent} (once)"):
+            result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode:
             raise OSError(f"compiling {source.name} failed: {result.stderr.strip()[-500:]}")
         os.replace(built, target)

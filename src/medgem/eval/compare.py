@@ -1,8 +1,10 @@
 """Side-by-side comparison of two finished runs (say, base vs fine-tuned) on the same task.
 
-Each metric shows both runs with their CIs and the difference (second minus first). Metrics that
-are per-item means (accuracy, token F1, ROUGE-L) also get a paired bootstrap CI of the difference
-on the items both runs scored, which is much tighter than comparing two independent intervals.
+Each metric shows both runs with their CIs and the unpaired difference (second minus first, each run
+on all its own items). Metrics that are per-item means (accuracy, token F1, ROUGE-L) also get a paired
+bootstrap CI of the difference on the items both runs scored, which is much tighter than comparing two
+independent intervals. The table labels which is which and on how many items, since the two differ
+when the runs scored different item counts (a --limit run against a full one).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def compare_runs(first: str | Path, second: str | Path, *, seed: int = 0, n_boot
             d = np.array([float(y) - float(x) for x, y in pairs])
             est, _ = estimate(mean_of(d), np.arange(len(d)), n_boot, seeded_rng(seed, "compare", name))
             entry["paired"] = est.as_dict()
+            entry["paired_n"] = len(d)
         table.append(entry)
     return {"task": a["task"], "first": {"dir": str(first), "model": a["model"], "method": a["method"]},
             "second": {"dir": str(second), "model": b["model"], "method": b["method"]},
@@ -68,10 +71,16 @@ def format_table(cmp: dict[str, Any]) -> str:
         lo, hi = e.get("low"), e.get("high")
         return f"{e['value']:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else f"{e['value']:.3f}"
 
+    def unpaired(m: dict[str, Any]) -> str:
+        return "-" if m["diff"] is None else f"{m['diff']:+.3f} ({m['first']['n']} vs {m['second']['n']} items)"
+
+    def paired(m: dict[str, Any]) -> str:
+        return "-" if not m["paired"] else f"{ci(m['paired'])} ({m['paired_n']} items)"
+
     head = ["metric", f"1: {cmp['first']['model']} ({cmp['first']['method']})",
-            f"2: {cmp['second']['model']} ({cmp['second']['method']})", "2 - 1", "paired 2 - 1 (95% CI)"]
-    body = [[m["metric"], ci(m["first"]), ci(m["second"]),
-             "-" if m["diff"] is None else f"{m['diff']:+.3f}", ci(m["paired"])] for m in cmp["metrics"]]
+            f"2: {cmp['second']['model']} ({cmp['second']['method']})", "unpaired 2 - 1",
+            "paired 2 - 1, same items (95% CI)"]
+    body = [[m["metric"], ci(m["first"]), ci(m["second"]), unpaired(m), paired(m)] for m in cmp["metrics"]]
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [head, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))

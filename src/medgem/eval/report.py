@@ -159,7 +159,9 @@ def render_html(results: dict[str, Any], plots: list[tuple[str, str]]) -> str:
             f"<li class={'flag' if gap['flag'] else 'ok'}>{esc(m)}: {esc(gap['high_group'])} − "
             f"{esc(gap['low_group'])} = {_fmt(gap['gap'])} [{_fmt(gap['low'])}, {_fmt(gap['high'])}] "
             f"{'⚑ CI excludes 0' if gap['flag'] else '(CI includes 0)'}</li>" for m, gap in entry["gaps"].items())
-        body.append(f"<h2>By {esc(entry['column'])}</h2><table><tr><th>group</th><th>n</th>"
+        gaps = gaps or f"<li>none computed: fewer than two groups have n ≥ {entry['min_size']}</li>"
+        binned = f"<p>Binned into {esc(entry['binning'])}.</p>" if entry.get("binning") else ""
+        body.append(f"<h2>By {esc(entry['column'])}</h2>{binned}<table><tr><th>group</th><th>n</th>"
                     f"{''.join(f'<th>{esc(m)}</th>' for m in names)}</tr>{trs}</table>"
                     f"<p>Largest gaps (groups with n ≥ {entry['min_size']}):</p><ul>{gaps}</ul>")
     body += [f"<figure><img src='{esc(name)}' alt='{esc(cap)}'><figcaption>{esc(cap)}</figcaption></figure>"
@@ -172,6 +174,29 @@ def render_html(results: dict[str, Any], plots: list[tuple[str, str]]) -> str:
              ".flag{color:#b00;font-weight:bold}figure{display:inline-block;margin:.5em}img{max-width:460px}")
     return (f"<!doctype html><html><head><meta charset=utf-8><title>medgem eval {esc(results['task'])}</title>"
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
+
+
+def text_summary(results: dict[str, Any]) -> list[str]:
+    """The terminal's view of a run: headline metrics, then each subgroup column's groups (primary metric)
+    and largest gaps, as the HTML report shows them."""
+    def ci(e: dict[str, Any]) -> str:
+        value = "n/a" if e["value"] is None else f"{e['value']:.3f}"
+        return value + (f" [{e['low']:.3f}, {e['high']:.3f}]" if e.get("low") is not None else "")
+
+    lines = [f"{name}: {ci(e)}  (n={e['n']})" for name, e in results["metrics"].items()]
+    primary = results["primary"]
+    for entry in results.get("subgroups", []):
+        binned = f", binned into {entry['binning']}" if entry.get("binning") else ""
+        lines.append(f"by {entry['column']}{binned}:")
+        lines += [f"  {g}  n={e['n']}  {primary} {ci(e[primary])}" for g, e in entry["groups"].items()
+                  if primary in e]
+        for metric, gap in entry["gaps"].items():
+            verdict = "gap flagged: CI excludes 0" if gap["flag"] else "CI includes 0"
+            lines.append(f"  largest gap {metric}: {gap['high_group']} - {gap['low_group']} = {gap['gap']:.3f} "
+                         f"[{gap['low']:.3f}, {gap['high']:.3f}] ({verdict})")
+        if not entry["gaps"]:
+            lines.append(f"  largest gap: none computed (fewer than two groups with n >= {entry['min_size']})")
+    return lines
 
 
 def plain(x: Any) -> Any:

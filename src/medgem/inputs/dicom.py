@@ -112,6 +112,12 @@ def source_name(src: object) -> str:
     return "the image data"
 
 
+def missing_path(src: str | os.PathLike[str]) -> str:
+    """How a message names an input that is not there: its absolute path, so the user sees where medgem looked
+    (the file does not exist, so no content can leak; errors about a file's content use `source_name`)."""
+    return os.path.abspath(os.path.expanduser(os.fspath(src)))
+
+
 def is_dicom(head: bytes) -> bool:
     """True when `head` (the first 132+ bytes of a file) carries the DICOM Part 10 'DICM' marker."""
     return head[128:132] == b"DICM"
@@ -166,7 +172,7 @@ def check_regular_file(path: str | os.PathLike[str]) -> None:
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        raise InputError(f"{name}: no such file") from None
+        raise InputError(f"{missing_path(path)}: no such file") from None
     except OSError as exc:
         raise InputError(f"{name}: cannot read the file ({type(exc).__name__})") from None
     if stat.S_ISDIR(mode):
@@ -586,7 +592,7 @@ def read_series(folder: str | os.PathLike[str], *, progress: bool = False) -> tu
     name = source_name(folder)
     folder = Path(folder)
     if not folder.is_dir():
-        raise InputError(f"{name}: no such folder")
+        raise InputError(f"{missing_path(folder)}: no such folder")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     slices, skipped = [], 0
     for path in tqdm(files, desc="reading DICOM headers", unit="file", disable=not progress):

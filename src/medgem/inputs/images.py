@@ -60,7 +60,7 @@ def _read_bytes(src: str | os.PathLike[str], limit: int = -1) -> bytes:
         with Path(src).open("rb") as file:
             return file.read(limit)
     except FileNotFoundError:
-        raise InputError(f"{name}: no such file") from None
+        raise InputError(f"{dicom.missing_path(src)}: no such file") from None
     except OSError as exc:
         raise InputError(f"{name}: cannot read the file ({type(exc).__name__})") from None
 

@@ -96,7 +96,7 @@ def walk(root: str | os.PathLike[str]) -> list[Path]:
     if root.exists() and not root.is_dir():
         raise InputError(f"{root.name}: not a regular file or folder (a pipe, socket or device)")
     if not root.is_dir():
-        raise InputError(f"{root.name}: no such file or folder")
+        raise InputError(f"{dicom.missing_path(root)}: no such file or folder")
     found, special, undecodable = [], 0, 0
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))

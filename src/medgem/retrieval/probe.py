@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from medgem.errors import InputError
+from medgem.inputs.dicom import missing_path
 
 PATH_KEYS, LABEL_KEY = ("path", "image"), "label"
 
@@ -24,7 +25,7 @@ def read_labelled(path: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
     """(image paths, labels) from a CSV with `path` (or `image`) and `label` columns."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path.name}: no such data file")
+        raise InputError(f"{missing_path(path)}: no such data file")
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
     images, labels = [], []
@@ -81,7 +82,7 @@ class Probe:
             classifier.coef_, classifier.intercept_ = np.array(d["coef"]), np.array(d["intercept"])
             classifier.n_features_in_ = classifier.coef_.shape[1]
         except FileNotFoundError:
-            raise InputError(f"{Path(path).name}: no such probe file") from None
+            raise InputError(f"{missing_path(path)}: no such probe file") from None
         except (ValueError, KeyError, TypeError) as exc:
             raise InputError(f"{Path(path).name} is not a medgem probe file ({exc})") from None
         return cls(classifier, d["fingerprint"])

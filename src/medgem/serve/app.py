@@ -7,7 +7,8 @@ Small ASGI middlewares wrap every request, outermost first (`notice`, `gate`, `b
 - `boundary`: turns a bug into a 500 (and a slow generation into a 504) without dropping the connection;
 - `auth`: the API key and rate limit, from the headers, before any body is read;
 - `gate`: counts API requests in flight, refuses new ones with 503 while draining, records request
-  metrics by route template and status, and logs one line per request (never the body);
+  metrics by route template and status, and logs one access line per request to `medgem.access`
+  (method, route template, status, prompt+completion tokens, ms; never the body);
 - `body_limit`: refuses a body over the limit with 413, from Content-Length before reading it, or
   while reading a chunked body; and JSON nested deeper than MAX_JSON_DEPTH with 400 before it is parsed.
 
@@ -47,6 +48,9 @@ if TYPE_CHECKING:
     from medgem.siglip import SiglipEncoder
 
 log = logging.getLogger(__name__)
+# One line per request: method, route template, status, tokens and milliseconds; never a body, prompt or
+# key. `medgem serve` shows it (INFO) unless --no-access-log.
+access_log = logging.getLogger("medgem.access")
 
 NOTICE_HEADER = (b"x-medgem-notice", NOTICE.encode())
 _STATIC = resources.files("medgem.serve") / "static"
@@ -218,7 +222,9 @@ def gate(app, rt: Runtime):
             rt.metrics.requests.labels(route, str(status)).inc()
             rt.metrics.latency.labels(route).observe(elapsed)
             if route not in ("/health", "/ready", "/metrics"):
-                log.info("%s %s -> %d in %.2f s", scope["method"], route, status, elapsed)
+                run = scope.get("state", {}).get("run")  # set by the generation routes
+                tokens = f" {run.prompt_tokens}+{run.generated} tokens" if run is not None else ""
+                access_log.info("%s %s %d%s %.0f ms", scope["method"], route, status, tokens, elapsed * 1000)
 
     return middleware
 

@@ -48,9 +48,14 @@ def error_response(status: int, message: str, *, param: str | None = None, code:
                         headers={"X-Medgem-Notice": NOTICE, **(headers or {})})
 
 
+def snake_case(name: str) -> str:
+    """CapabilityError -> capability_error: error codes are snake_case, as OpenAI's and the others here are."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
 def medgem_error(exc: MedgemError) -> APIError:
     """A layer-below error as its 4xx (messages are written for users and never hold prompt text)."""
-    code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else type(exc).__name__
+    code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else snake_case(type(exc).__name__)
     status = exc.http_status if exc.http_status < 500 else 503  # the engine stopped: try again later
     return APIError(status, str(exc), code=code)
 

@@ -10,7 +10,9 @@ the overflow to replicas, whose own bounded queue answers 429. Ray itself is an 
 from __future__ import annotations
 
 import logging
+import threading
 
+from medgem import progress
 from medgem.errors import CapabilityError
 from medgem.serve.settings import ServeSettings
 
@@ -55,11 +57,15 @@ def run(settings: ServeSettings, replicas: int, cpus_per_replica: float = 1.0, a
     import ray
 
     serve = _serve()
-    ray.init(address=address, include_dashboard=False, ignore_reinit_error=True)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
-    log.info("deploying %d replica(s) on Ray Serve at http://%s:%d", replicas, settings.host, settings.port)
     try:
-        serve.run(application(settings, replicas, cpus_per_replica), name="medgem", route_prefix="/", blocking=True)
+        with progress.step(f"starting Ray and loading {replicas} replica(s)"):
+            ray.init(address=address, include_dashboard=False, ignore_reinit_error=True)
+            serve.start(http_options={"host": settings.host, "port": settings.port})
+            log.info("deploying %d replica(s) on Ray Serve at http://%s:%d", replicas, settings.host, settings.port)
+            serve.run(application(settings, replicas, cpus_per_replica), name="medgem", route_prefix="/")
+        print(f"medgem: serving on http://{settings.host}:{settings.port} ({replicas} Ray Serve replica(s), "
+              "models loaded; Ctrl-C stops)", flush=True)
+        threading.Event().wait()  # until interrupted; Ray's own blocking loop prints nothing we need
     finally:
         serve.shutdown()
         ray.shutdown()

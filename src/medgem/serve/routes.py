@@ -97,7 +97,7 @@ def _sampling(body: SamplingFields, rt: Runtime, max_tokens: int | None) -> Samp
     stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
     return SamplingParams(
         max_new_tokens=max_tokens or limits.default_max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,  # OpenAI's defaults
+        temperature=rt.settings.default_temperature if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=body.seed,
         stop=tuple(stop),
@@ -135,6 +135,7 @@ class Run:
         self.prompt_tokens = sum(len(ids) for ids, _ in prompts)
         self.started = time.perf_counter()
         self.first_text: float | None = None
+        self.generated = 0  # completion tokens so far, for the access log
         self.events = rt.backend.submit(prompts, params, n)
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, Event]]:
@@ -155,6 +156,7 @@ class Run:
             self.rt.metrics.ttft.labels(self.route).observe(self.first_text - self.started)
         if event.done and event.completion is not None:
             self.rt.metrics.completion_tokens.inc(event.completion.completion_tokens)
+            self.generated += event.completion.completion_tokens
         return item
 
     def usage(self, completions: list[Completion]) -> dict[str, int]:
@@ -252,7 +254,7 @@ async def chat_completions(body: ChatRequest, request: Request) -> Response:
         system = with_instruction(system)
     ids, pixels = await run_in_threadpool(pipe.prompt_inputs, messages, False, system)
     _check_prompt(rt, len(ids), "messages")
-    run = Run(rt, "chat", [(ids, pixels)], params, body.n)
+    run = request.state.run = Run(rt, "chat", [(ids, pixels)], params, body.n)
     rt.metrics.prompt_tokens.inc(run.prompt_tokens)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": rt.model_id}
     split = rt.thinking  # a thinking model's thought is routed (reasoning on) or dropped (off)
@@ -307,7 +309,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         ids = await run_in_threadpool(pipe.prompt_ids, text, True)
         _check_prompt(rt, len(ids), "prompt" if isinstance(body.prompt, str) else f"prompt[{i}]")
         prompts.append((ids, None))
-    run = Run(rt, "completions", prompts, params, body.n)
+    run = request.state.run = Run(rt, "completions", prompts, params, body.n)
     rt.metrics.prompt_tokens.inc(run.prompt_tokens)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": rt.model_id}
@@ -370,8 +372,12 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
 
 
 def _models(rt: Runtime) -> list[dict[str, Any]]:
-    return [{"id": name, "object": "model", "created": rt.created, "owned_by": "medgem"}
-            for name in (rt.model_id, rt.embedding_id) if name]
+    """OpenAI's model cards; the generation model's also says whether it is a base model (null while it
+    loads), so the web page opens in completion mode for one."""
+    cards = [{"id": name, "object": "model", "created": rt.created, "owned_by": "medgem"}
+             for name in (rt.model_id, rt.embedding_id) if name]
+    cards[0]["base_model"] = None if rt.pipe is None else rt.pipe.base_model
+    return cards
 
 
 @router.get("/v1/models")

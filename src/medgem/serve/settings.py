@@ -25,7 +25,7 @@ def keys_from_file(path: str) -> tuple[str, ...]:
         with open(path, encoding="utf-8") as f:
             keys = tuple(line.strip() for line in f if line.strip() and not line.lstrip().startswith("#"))
     except FileNotFoundError:
-        raise ConfigError(f"--api-key-file {name}: no such file") from None
+        raise ConfigError(f"--api-key-file {os.path.abspath(path)}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--api-key-file {name}: cannot read it ({type(exc).__name__})") from None
     if not keys:
@@ -85,6 +85,7 @@ class ServeSettings:
     rate_limit: float = 0.0  # requests per second per key (token bucket); 0: off
     rate_burst: int = 20  # the bucket's size: requests a key may send at once
     request_timeout: float = 0.0  # seconds a generation request may take before 504; 0: no limit
+    default_temperature: float = 1.0  # for requests that omit temperature (OpenAI's default; 0 is greedy)
     debug: bool = False  # log tracebacks of internal errors
 
     def __post_init__(self) -> None:

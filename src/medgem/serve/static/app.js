@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { model: null, history: [], image: null, controller: null };
+const state = { model: null, history: [], image: null, controller: null, modeChosen: false };
 
 function headers(json = true) {
   const h = json ? { "Content-Type": "application/json" } : {};
@@ -46,8 +46,25 @@ async function loadModel() {
     $("model").textContent = response.status === 401 ? "enter the API key" : await errorText(response);
     return;
   }
-  state.model = (await response.json()).data[0].id;
+  const card = (await response.json()).data[0];
+  state.model = card.id;
   $("model").textContent = state.model;
+  if (card.base_model === null) {  // still loading: ask again, so a base model opens in completion mode
+    setTimeout(loadModel, 2000);
+  } else if (!state.modeChosen) {
+    $("mode").value = card.base_model ? "completion" : "chat";
+    showMode();
+  }
+  $("mode-hint").hidden = !card.base_model;
+}
+
+function showMode() {
+  const completion = $("mode").value === "completion";
+  $("question").placeholder = completion
+    ? "Start a text for the model to continue (Enter sends, Shift+Enter for a new line)"
+    : "Ask a question (Enter sends, Shift+Enter for a new line)";
+  $("file").disabled = completion;  // images go in chat turns only
+  if (completion) detach();
 }
 
 // -- images -------------------------------------------------------------------------------------
@@ -135,7 +152,8 @@ async function ask(event) {
   const text = $("question").value.trim();
   if (!text || state.controller) return;
   if (!state.model) await loadModel();
-  const content = state.image
+  const completion = $("mode").value === "completion";
+  const content = state.image && !completion
     ? [{ type: "image_url", image_url: { url: state.image.url, window: state.image.window } }, { type: "text", text }]
     : text;
   addMessage("user", text, state.image?.thumb);
@@ -147,25 +165,26 @@ async function ask(event) {
   $("send").disabled = true;
   $("stop").disabled = false;
   setStatus("thinking…");
+  const settings = { model: state.model, stream: true, max_tokens: Number($("max-tokens").value) || 128,
+                     temperature: Number($("temperature").value) || 0 };
   try {
-    const response = await fetch("/v1/chat/completions", {
+    // Completion mode sends the text as it is (no chat turns, no history): what a base model continues well.
+    const response = await fetch(completion ? "/v1/completions" : "/v1/chat/completions", {
       method: "POST", headers: headers(), signal: state.controller.signal,
-      body: JSON.stringify({
-        model: state.model, messages: [...state.history, userMessage], stream: true,
-        max_tokens: Number($("max-tokens").value) || 128, temperature: Number($("temperature").value) || 0,
-      }),
+      body: JSON.stringify(completion ? { ...settings, prompt: text }
+                                      : { ...settings, messages: [...state.history, userMessage] }),
     });
     if (!response.ok) throw new Error(await errorText(response));
     setStatus("answering…");
     for await (const chunk of sseEvents(response)) {
       if (chunk.error) throw new Error(chunk.error.message);
-      const delta = chunk.choices[0]?.delta?.content;
+      const delta = completion ? chunk.choices[0]?.text : chunk.choices[0]?.delta?.content;
       if (delta) {
         answer.textContent += delta;
         $("log").scrollTop = $("log").scrollHeight;
       }
     }
-    state.history.push(userMessage, { role: "assistant", content: answer.textContent });
+    if (!completion) state.history.push(userMessage, { role: "assistant", content: answer.textContent });
     setStatus("");
   } catch (err) {
     if (err.name === "AbortError") {
@@ -196,5 +215,6 @@ document.addEventListener("DOMContentLoaded", () => {
   $("window").addEventListener("change", preview);
   $("detach").addEventListener("click", detach);
   $("api-key").addEventListener("change", loadModel);
+  $("mode").addEventListener("change", () => { state.modeChosen = true; showMode(); });
   loadModel();
 });

@@ -1,0 +1,80 @@
+"""What a slow step is waiting for, shown on a terminal: one spinner line on stderr.
+
+Every slow step (assembling or loading a model, compiling a kernel, a benchmark, answering over a record)
+wraps itself in `step("what it waits for")`, whichever layer it lives in. Nothing is drawn unless a face
+turned it on with `configure()` and stderr is a terminal, so piped output and library use stay clean.
+Nested steps show the innermost label; the line is erased when the outermost step ends.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+DELAY_S = 0.3  # steps that end sooner draw nothing (no flicker)
+TICK_S = 0.1
+
+_enabled = False
+_labels: list[str] = []
+_lock = threading.Lock()
+_wake = threading.Condition(_lock)
+_thread: threading.Thread | None = None
+
+
+def configure(quiet: bool = False) -> bool:
+    """Turn the spinner on for this process when stderr is a terminal and neither --quiet nor MEDGEM_QUIET=1
+    asks for silence; returns whether it is on."""
+    global _enabled
+    _enabled = not quiet and os.environ.get("MEDGEM_QUIET", "0") != "1" and sys.stderr.isatty()
+    return _enabled
+
+
+def enabled() -> bool:
+    """Whether progress goes to the terminal: tqdm bars of counted work (`disable=not enabled()`) follow it too."""
+    return _enabled
+
+
+@contextmanager
+def step(label: str) -> Iterator[None]:
+    """Show `label` with a spinner and the seconds spent while the block runs (a no-op when off)."""
+    global _thread
+    if not _enabled:
+        yield
+        return
+    with _lock:
+        _labels.append(label)
+        if _thread is None:
+            _thread = threading.Thread(target=_draw, args=(time.monotonic(),), name="medgem-progress", daemon=True)
+            _thread.start()
+    try:
+        yield
+    finally:
+        with _lock:
+            _labels.remove(label)
+            _wake.notify_all()
+            drawer = _thread if not _labels else None
+        if drawer is not None:
+            drawer.join()  # the line is erased before anything else is printed
+
+
+def _draw(start: float) -> None:
+    """The spinner thread: redraw every tick until no step is left, then erase the line."""
+    global _thread
+    drawn, frame = False, 0
+    with _lock:
+        while _labels:
+            elapsed = time.monotonic() - start
+            if elapsed >= DELAY_S:
+                sys.stderr.write(f"\r\x1b[K{FRAMES[frame % len(FRAMES)]} {_labels[-1]}… {elapsed:.0f} s")
+                sys.stderr.flush()
+                drawn, frame = True, frame + 1
+            _wake.wait(TICK_S)
+        if drawn:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+        _thread = None
