@@ -70,7 +70,7 @@ SETTINGS = [
 @pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
 def test_filtered_distribution_equals_the_full_sort(settings, scale):
     p = SamplingParams(**settings)
-    for seed in range(3):
+    for seed in range(2):
         logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(seed)) * scale
         got, want = filter_logits(logits, p), full_sort_reference(logits, p)
         assert torch.equal(torch.isfinite(got), torch.isfinite(want)), "a different set of tokens was kept"
