@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+FRAMES = "-\\|/"  # ASCII: every terminal encoding shows it
 DELAY_S = 0.3  # steps that end sooner draw nothing (no flicker)
 TICK_S = 0.1
 
@@ -62,6 +62,13 @@ def step(label: str) -> Iterator[None]:
             drawer.join()  # the line is erased before anything else is printed
 
 
+def _columns() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns or 80  # a new pty may say 0
+    except (OSError, ValueError, AttributeError):
+        return 80
+
+
 def _draw(start: float) -> None:
     """The spinner thread: redraw every tick until no step is left, then erase the line."""
     global _thread
@@ -70,7 +77,9 @@ def _draw(start: float) -> None:
         while _labels:
             elapsed = time.monotonic() - start
             if elapsed >= DELAY_S:
-                sys.stderr.write(f"\r\x1b[K{FRAMES[frame % len(FRAMES)]} {_labels[-1]}… {elapsed:.0f} s")
+                line = f"{FRAMES[frame % len(FRAMES)]} {_labels[-1]}... {elapsed:.0f} s"
+                width = _columns() - 1  # a wrapped line could not be redrawn in place
+                sys.stderr.write("\r\x1b[K" + (line if len(line) <= width else line[: width - 3] + "..."))
                 sys.stderr.flush()
                 drawn, frame = True, frame + 1
             _wake.wait(TICK_S)

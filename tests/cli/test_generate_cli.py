@@ -53,6 +53,26 @@ def test_chat_repl_keeps_history():
 def test_chat_one_shot():
     proc = medgem("chat", "Define sepsis.", "--max-new-tokens", "8", "--system", "Be brief.")
     assert proc.returncode == 0 and proc.stdout.strip()
+    # the embedded model is a base model: one note, with the completion-mode fix, before the answer
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("medgem: note:")]
+    assert len(notes) == 1 and "is a base model" in notes[0] and "generate --raw" in notes[0]
+
+
+@pytest.mark.parametrize("name, metadata, base", [
+    ("gemma-3-270m-q4_k_m.gguf", {}, True),  # the embedded file: llama.cpp writes no fine-tune for a base model
+    ("gemma-3-4b-it-q4_k_m.gguf", {}, False),
+    ("model.gguf", {"general.finetune": "it"}, False),
+    ("medgemma-4b-it", None, False),
+    ("gemma-3-4b-pt", None, True),
+    ("my-finetune", None, False),  # unknown folders are not second-guessed
+])
+def test_base_models_are_told_from_what_they_say(name, metadata, base):
+    from pathlib import Path
+
+    from medgem.pipeline import is_base_model
+
+    info = {"format": "gguf", "metadata": metadata} if metadata is not None else {"format": "hf"}
+    assert is_base_model(Path(name), info) is base
 
 
 @pytest.mark.parametrize(

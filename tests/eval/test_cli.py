@@ -52,3 +52,31 @@ def test_compare_prints_a_table(tmp_path, capsys, scripted):
     data = json.loads(capsys.readouterr().out)
     assert data["n_common"] == len(task.items) and data["metrics"][0]["diff"] == 0.0
     assert medgem.cli.main(["eval", "compare", str(tmp_path / "a"), str(tmp_path / "nope")]) == 2
+    # a shorter run: the unpaired difference (each run on its own items) is labelled apart from the paired one
+    evaluate(task, scripted(lambda p: "B"), tmp_path / "c", RunConfig(model_name="short", n_boot=100, progress=False,
+                                                                      limit=10))
+    capsys.readouterr()
+    assert medgem.cli.main(["eval", "compare", str(tmp_path / "a"), str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    n = len(task.items)
+    assert "unpaired 2 - 1" in out and "paired 2 - 1, same items" in out and "10 items in common" in out
+    assert f"({n} vs 10 items)" in out and "(10 items)" in out
+
+
+def test_terminal_summary_has_subgroups_and_binned_bands(tmp_path, scripted):
+    from medgem.eval.report import text_summary
+
+    task = load_task("medqa", "handwritten")
+    for i, item in enumerate(task.items):
+        item.meta["age"] = str(20 + i)  # 60 distinct ages
+    results = evaluate(task, scripted(lambda p: "A"), tmp_path / "r",
+                       RunConfig(n_boot=50, progress=False, subgroups=["topic", "age:20", "age"]))
+    lines = text_summary(results)
+    assert "by topic:" in lines and any(line.startswith("  cardiology  n=") for line in lines)
+    assert "by age, binned into bands of width 20:" in lines
+    assert [line.split("  n=")[0].strip() for line in lines if line.startswith("  [") and "width" not in line][:3] \
+        == ["[20, 40)", "[40, 60)", "[60, 80)"]
+    assert "by age, binned into automatic quantiles: 4 groups of about equal size:" in lines
+    assert sum("largest gap accuracy" in line for line in lines) == 3
+    report = (tmp_path / "r" / "report.html").read_text()
+    assert "Binned into bands of width 20." in report and "Binned into automatic quantiles" in report

@@ -68,3 +68,25 @@ def test_results_do_not_depend_on_column_order():
     one = subgroup_report({"accuracy": mean_of(correct)}, meta, ["sex", "site"], n_boot=300, seed=3)
     two = subgroup_report({"accuracy": mean_of(correct)}, meta, ["site", "sex"], n_boot=300, seed=3)
     assert one[0] == two[1] and one[1] == two[0]
+
+
+def test_numeric_columns_are_binned_and_say_how():
+    ages = [str(a) for a in range(18, 98)]  # 80 items, one per age
+    meta = [{"age": a, "sex": "f" if i % 2 else "m"} for i, a in enumerate(ages)]
+    correct = np.ones(len(meta))
+    [bands, quartiles, auto, sex] = subgroup_report({"acc": mean_of(correct)}, meta,
+                                                    ["age:10", "age:q4", "age", "sex"], n_boot=20)
+    assert list(bands["groups"]) == [f"[{lo}, {lo + 10})" for lo in range(10, 100, 10)]
+    assert bands["groups"]["[10, 20)"]["n"] == 2 and bands["groups"]["[90, 100)"]["n"] == 8
+    assert bands["binning"] == "bands of width 10" and bands["column"] == "age"
+    assert [g["n"] for g in quartiles["groups"].values()] == [20, 20, 20, 20]
+    assert auto["binning"].startswith("automatic quantiles") and len(auto["groups"]) == 4
+    assert sex["binning"] is None and list(sex["groups"]) == ["f", "m"]
+
+
+def test_bad_binning_specs_are_refused():
+    meta = [{"age": "40", "sex": "f"}, {"age": "unknown", "sex": "m"}]
+    for spec, message in (("sex:10", "not numbers"), ("age:abc", "band width"), ("age:0", "positive"),
+                          ("age:q1", "q2..q10")):
+        with pytest.raises(InputError, match=message):
+            subgroup_report({"acc": mean_of(np.ones(2))}, meta, [spec], n_boot=10)

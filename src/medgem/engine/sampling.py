@@ -67,13 +67,17 @@ def candidates(logits: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor | 
     (a flat distribution). A full sort per step halved decode speed. The kept set is the one a full sort
     finds: the smallest run of likeliest tokens whose mass reaches top_p, the token crossing it included.
     """
-    logits = logits / p.temperature
     vocab = logits.shape[-1]
     ids = None
-    if p.top_k and p.top_k < vocab:
-        kth = torch.topk(logits, p.top_k).values[-1]
-        ids = torch.nonzero(logits >= kth).squeeze(-1)  # ties with the k-th token stay, as with a mask
+    if p.top_k and p.top_k < vocab:  # before the temperature, which keeps the order, so it scales k values only
+        top = torch.topk(logits, p.top_k)
+        kth = top.values[-1]
+        if int((logits >= kth).sum()) > p.top_k:  # ties with the k-th token stay, as with a mask
+            ids = torch.nonzero(logits >= kth).squeeze(-1)
+        else:
+            ids = top.indices.sort().values  # id order, as a mask over the vocabulary keeps them
         logits = logits[ids]
+    logits = logits / p.temperature
     if p.min_p > 0:
         probs = torch.softmax(logits, dim=-1)
         keep = torch.nonzero(probs >= p.min_p * probs.max()).squeeze(-1)
