@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from medgem.cli.common import add_model_args, load_from_args, print_notice
+from medgem.cli.recipes import add_recipe_args, check_recipe_args, run_recipe
 from medgem.errors import InputError
 from medgem.inputs.text import clean_text
 
@@ -49,15 +50,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     chat.add_argument("--image", action="append", default=[], metavar="FILE_OR_DIR",
                       help="image, DICOM file, or DICOM series folder (repeatable)")
     chat.add_argument("--window", default=None, help="DICOM window preset (lung, mediastinum, bone, brain, abdomen)")
-    chat.add_argument("--slices", type=int, default=None, help="slices to take from a DICOM series or multi-frame file")
+    chat.add_argument("--slices", type=int, default=None, help="slices to take from a DICOM series or multi-frame file "
+                      "(with --recipe ct/mri: at most this many, default 85)")
+    add_recipe_args(chat)
     add_model_args(chat)
     add_sampling_args(chat)
     chat.set_defaults(func=run_chat)
 
 
-def _report(pipe, completion, as_json: bool) -> None:
+def _report(pipe, completion, as_json: bool, extra: dict[str, Any] | None = None) -> None:
+    """The accounting after an answer: one JSON object (with `extra`'s fields), or one line on stderr."""
     if as_json:
         print(json.dumps({
+            **(extra or {}),
             "model": pipe.source,
             "text": completion.text,
             "token_ids": completion.token_ids,
@@ -121,8 +126,11 @@ def validate_sampling(args: argparse.Namespace) -> None:
 
 def run_chat(args: argparse.Namespace) -> int:
     validate_sampling(args)
+    sources = check_recipe_args(args) if args.recipe else None
     print_notice()
     pipe = load_from_args(args)
+    if sources is not None:
+        return run_recipe(args, pipe, sources)
     images = image_parts(args.image, args.window, args.slices) if args.image else []
     history: list[dict[str, Any]] = []
 
