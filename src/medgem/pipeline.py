@@ -211,12 +211,16 @@ class Pipeline:
 
     def ask(self, recipe: str, question: str | None = None, *, source: Any = None, prior: Any = None,
             current: Any = None, instruction: str | None = None, max_slices: int = recipes.MAX_SLICES,
-            series: str | None = None, **sampling: Any) -> RecipeResult:
-        """One answer to a recipe prompt, e.g. `pipe.ask("ct", "Any liver lesion?", source="series/")` or
+            series: str | None = None, tissue: str | None = None, procedure: str | None = None,
+            **sampling: Any) -> RecipeResult:
+        """One answer to a recipe prompt, e.g. `pipe.ask("ct", "Any liver lesion?", source="series/")`,
+        `pipe.ask("wsi", source="slide.svs", tissue="colon", procedure="biopsy")` or
         `pipe.ask("localize", "right clavicle", source="cxr.png").boxes` (pixels of the original image)."""
+        if recipe == "wsi" and max_slices == recipes.MAX_SLICES:
+            max_slices = recipes.RECIPES["wsi"].max_images
         prompt = self.recipe_prompt(recipe, question, max_new_tokens=sampling.get("max_new_tokens", 256),
                                     source=source, prior=prior, current=current, instruction=instruction,
-                                    max_slices=max_slices, series=series)
+                                    max_slices=max_slices, series=series, tissue=tissue, procedure=procedure)
         completion = self.complete([prompt.messages], **sampling)[0]
         boxes = answer_boxes(completion.text, prompt.padding) if prompt.padding is not None else None
         return RecipeResult(completion.text, completion.reasoning, boxes, prompt, completion)

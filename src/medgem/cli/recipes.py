@@ -31,12 +31,17 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--current", default=None, metavar="FILE", help="longitudinal: the later image")
     parser.add_argument("--boxes", default=None, type=Path, metavar="OUT.png",
                         help="localize: draw the boxes on the image and write it here")
+    parser.add_argument("--tissue", default=None, help="wsi: the tissue (e.g. colon)")
+    parser.add_argument("--procedure", default=None, help="wsi: the procedure (e.g. biopsy)")
+    parser.add_argument("--patches", type=int, default=None, help="wsi: at most this many patches (default 125)")
 
 
 def check_recipe_args(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe's sources from the flags, refused before the model loads when they cannot work."""
     spec = recipe(args.recipe)
-    if args.question is None or not args.question.strip():
+    if spec.name == "wsi" and not (args.tissue and args.procedure):
+        raise InputError("--recipe wsi needs --tissue and --procedure (e.g. --tissue colon --procedure biopsy)")
+    if spec.name != "wsi" and (args.question is None or not args.question.strip()):
         raise InputError(f"--recipe {spec.name} needs a question (for localize: what to find, e.g. 'right clavicle')")
     if args.window is not None:
         raise InputError("--window does not combine with --recipe: the recipe sets the colours the model was trained on")
@@ -48,6 +53,8 @@ def check_recipe_args(args: argparse.Namespace) -> dict[str, Any]:
         raise InputError("--prior and --current go with --recipe longitudinal")
     if spec.takes != "volume" and (args.series or args.instruction or args.slices):
         raise InputError("--series, --instruction and --slices go with --recipe ct or mri")
+    if spec.takes != "slide" and (args.tissue or args.procedure or args.patches):
+        raise InputError("--tissue, --procedure and --patches go with --recipe wsi")
     sources: dict[str, Any] = {}
     if spec.name == "longitudinal":
         given = [*args.image, *([args.prior] if args.prior else []), *([args.current] if args.current else [])]
@@ -56,12 +63,16 @@ def check_recipe_args(args: argparse.Namespace) -> dict[str, Any]:
         sources["prior"], sources["current"] = given
     else:
         if len(args.image) != 1:
-            what = "a series folder, multi-frame DICOM or NIfTI file" if spec.takes == "volume" else "an image"
+            what = {"volume": "a series folder, multi-frame DICOM or NIfTI file", "slide": "a slide file"}.get(
+                spec.takes, "an image")
             raise InputError(f"--recipe {spec.name} takes one --image: {what}")
         sources["source"] = args.image[0]
     if spec.takes == "volume":
         sources.update(series=args.series, instruction=args.instruction, max_slices=args.slices or MAX_SLICES,
                        progress=True)
+    if spec.takes == "slide":
+        sources.update(tissue=args.tissue, procedure=args.procedure, max_slices=args.patches or spec.max_images,
+                       patch_seed=args.seed or 0)
     return sources
 
 
@@ -103,6 +114,12 @@ def run_recipe(args: argparse.Namespace, pipe, sources: dict[str, Any]) -> int:
     if prompt.volume is not None:
         extra["slices"] = {"total": prompt.volume.total, "indices": prompt.volume.indices,
                            "positions_mm": prompt.volume.positions, "warnings": prompt.notes}
+    if prompt.slide is not None:
+        s = prompt.slide
+        extra["patches"] = {"level": s.level, "mpp": round(s.mpp, 3), "tissue_patches": s.tissue_patches,
+                            "corners": s.corners}
+        print(f"[wsi: {len(s.images)} of {s.tissue_patches} tissue patches at level {s.level} ({s.mpp:.2f} um/px)]",
+              file=sys.stderr)
     if prompt.padding is not None:
         from medgem.processing.boxes import answer_boxes
 

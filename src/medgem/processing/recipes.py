@@ -13,6 +13,8 @@ made them. Layouts, from the google-health/medgemma notebooks (January 2026):
   were given in.
 - localize (cxr_anatomy_localization_with_hugging_face.ipynb): the image zero-padded to a square,
   then the notebook's box instructions with the object's name; boxes: processing/boxes.py.
+- wsi (high_dimensional_pathology_hugging_face.ipynb): the instruction ending "\n{tissue}, {procedure}:",
+  then up to 125 patches at ~10x with no per-patch label; patches: inputs/wsi.py.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from medgem.errors import InputError
 from medgem.inputs import dicom
 from medgem.inputs.images import ImageSource, load_image
 from medgem.inputs.volume import MAX_SLICES, Volume, load_volume
+from medgem.inputs.wsi import SlidePatches, load_patches
 from medgem.processing.boxes import Padding, pad_to_square
 
 logger = logging.getLogger(__name__)
@@ -41,6 +44,10 @@ EVIDENCE = "Based on the visual evidence in the slices provided above, "
 VOLUME_QUESTION = "describe the findings."
 LONGITUDINAL_PROMPT = ("Provide a comparison of these two images and include details from the image which "
                        "students should take note of when reading longitudinal CXR")
+# The pathology notebook's prompt (its example: tissue "colon", procedure "biopsy").
+WSI_PROMPT = ("You are an instructor teaching medical students. For education purposes, provide a brief descriptive "
+              "text for the set of pathology patches extracted from a pathology slide. Consider the tissue type and "
+              "procedure (below) when deciding what to include in the descriptive text.")
 # The localization notebook's prompt, word for word ({target} is its `object_name`).
 LOCALIZE_PROMPT = """Instructions:
 The following user query will require outputting bounding boxes. The format of bounding boxes coordinates is [y0, x0, y1, x1] where (y0, x0) must be top-left corner and (y1, x1) the bottom-right corner. This implies that x0 < x1 and y0 < y1. Always normalize the x and y coordinates the range [0, 1000], meaning that a bounding box starting at 15% of the image width would be associated with an x coordinate of 150. You MUST output a single parseable json list of objects enclosed into ```json...``` brackets, for instance ```json[{{"box_2d": [800, 3, 840, 471], "label": "car"}}, {{"box_2d": [400, 22, 600, 73], "label": "dog"}}]``` is a valid output. Now answer to the user query.
@@ -70,6 +77,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "(DICOM dates decide which is prior)"),
     Recipe("localize", "image", 1, "an image padded to a square and the name of what to find; the answer's "
            "boxes are mapped back to the image's pixels"),
+    Recipe("wsi", "slide", 125, "a whole-slide image: the instruction with tissue and procedure, then up to 125 "
+           "tissue patches of 896 px at ~10x in spatial order"),
 )}
 
 
@@ -81,6 +90,7 @@ class RecipePrompt:
     messages: list[dict[str, Any]]
     images: int
     volume: Volume | None = None  # ct, mri: which slices were sent
+    slide: SlidePatches | None = None  # wsi: which patches were sent
     padding: Padding | None = None  # localize: where the image sits in the square the model saw
     notes: list[str] = field(default_factory=list)  # warnings for the user (no identifiers)
 
@@ -147,7 +157,8 @@ def longitudinal_order(prior: ImageSource, current: ImageSource) -> tuple[ImageS
 
 def build(name: str, question: str | None = None, *, source: ImageSource | os.PathLike[str] | None = None,
           prior: ImageSource | None = None, current: ImageSource | None = None, instruction: str | None = None,
-          max_slices: int = MAX_SLICES, series: str | None = None, budget: Callable[[int], None] | None = None,
+          max_slices: int = MAX_SLICES, series: str | None = None, tissue: str | None = None,
+          procedure: str | None = None, patch_seed: int = 0, budget: Callable[[int], None] | None = None,
           progress: bool = False) -> RecipePrompt:
     """Messages for recipe `name`.
 
@@ -164,6 +175,17 @@ def build(name: str, question: str | None = None, *, source: ImageSource | os.Pa
         content = volume_content(volume.images, question, instruction, "CT" if name == "ct" else "MRI")
         return RecipePrompt(name, [{"role": "user", "content": content}], len(volume.images), volume=volume,
                             notes=list(volume.warnings))
+    if spec.takes == "slide":
+        if source is None or isinstance(source, bytes | Image.Image) or not tissue or not procedure:
+            raise InputError("the wsi recipe needs a slide file, its tissue and its procedure (e.g. colon, biopsy)")
+        if budget:  # at most this many: the budget holds whatever the slide gives
+            budget(min(spec.max_images, max_slices))
+        slide = load_patches(source, min(spec.max_images, max_slices), patch_seed)
+        text = f"{(question or '').strip() or WSI_PROMPT}\n{tissue.strip()}, {procedure.strip()}:"
+        content = [{"type": "text", "text": text}, *({"type": "image", "image": p} for p in slide.images)]
+        return RecipePrompt(name, [{"role": "user", "content": content}], len(slide.images), slide=slide)
+    if tissue or procedure:
+        raise InputError("tissue and procedure go with the wsi recipe")
     if instruction is not None:
         raise InputError(f"the {name} recipe takes no instruction; put everything in the question")
     if spec.takes == "pair":
