@@ -156,6 +156,20 @@ def tiny_medgemma(tmp_path_factory, real_pipe):
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_long(tiny_medgemma, tmp_path_factory):
+    """The tiny checkpoint with a 1024-token context: the localize prompt alone is about 330 tokens."""
+    folder = tmp_path_factory.mktemp("long") / "medgemma-tiny"
+    folder.mkdir()
+    for item in tiny_medgemma.iterdir():
+        if item.name != "config.json":
+            (folder / item.name).symlink_to(item)
+    config = json.loads((tiny_medgemma / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 1024
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 # -- hostile inputs shared by the server and CLI tests (issue 21) ---------------------------------------
 def _deflate_bomb(rows: int = 1000, columns: int = 1000, frames: int = 200) -> bytes:
     """A Deflated Explicit VR Little Endian DICOM of zero pixels: ~rows*columns*frames bytes inflated,

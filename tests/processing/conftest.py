@@ -27,12 +27,12 @@ def gemma3_processor(tokenizer_folder, size: int = 896, tokens_per_image: int = 
                            image_seq_length=tokens_per_image, chat_template=chat_template)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tokenizer(embedded_gguf):
     return Tokenizer.from_gguf(gguf_reader.open_gguf(embedded_gguf), medgem_home() / "tokenizers")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hf_tokenizer_folder(embedded_gguf, tmp_path_factory):
     from tokenizers import Tokenizer as RawTokenizer
 
@@ -42,7 +42,7 @@ def hf_tokenizer_folder(embedded_gguf, tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hf_processor(hf_tokenizer_folder, gemma3_chat_template):
     return gemma3_processor(hf_tokenizer_folder, chat_template=gemma3_chat_template)
 

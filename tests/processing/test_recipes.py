@@ -85,11 +85,11 @@ def test_random_multimodal_model_logits_on_a_ct_prompt_match_transformers(
 
 
 def test_a_recipe_too_big_for_the_context_is_refused_before_decoding(tmp_path, series_writer, tiny_medgemma):
-    paths = series_writer(tmp_path, 120)
+    paths = series_writer(tmp_path, 30)
     for path in paths.values():  # pixel data cut short: decoding any slice would fail
         path.write_bytes(path.read_bytes()[:-4000])
     pipe = medgem.load(tiny_medgemma, dtype="float32")
-    with pytest.raises(ContextLengthError, match=r"85 image\(s\) x 4 tokens = 340 image tokens .* more than the "
+    with pytest.raises(ContextLengthError, match=r"30 image\(s\) x 4 tokens = 120 image tokens .* more than the "
                        r"256 tokens available"):
         pipe.recipe_prompt("ct", QUESTION, source=tmp_path)
     with pytest.raises(InputError, match="truncated or corrupt"):  # what decoding would have said

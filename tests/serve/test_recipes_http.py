@@ -45,12 +45,20 @@ def test_ct_series_as_zip_or_files(vision_server, tiny_pipe, slices, tmp_path):
         assert reply.json()["usage"]["prompt_tokens"] == expected  # 5 slices, past the limit of 3 images
 
 
-def test_localize_returns_boxes(vision_server):
+def test_localize_returns_boxes(serve, tiny_long):
+    import medgem
+    from medgem.serve.settings import ServeSettings
+
     out = io.BytesIO()
     Image.new("RGB", (40, 24), (90, 90, 90)).save(out, "PNG")
-    reply = ask(vision_server, [url("image/png", out.getvalue())], recipe="localize")
-    assert reply.status_code == 200, reply.text
-    assert reply.json()["choices"][0]["message"]["boxes"] == []  # a random model writes none
+    with serve(medgem.load(tiny_long, dtype="float32"), ServeSettings(model_name=MODEL)) as server:
+        reply = ask(server, [url("image/png", out.getvalue())], recipe="localize")
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["boxes"] == []  # a random model writes none
+        streamed = httpx.post(f"{server}/v1/chat/completions", timeout=120, json={
+            "model": MODEL, "recipe": "localize", "stream": True, "max_tokens": 2, "messages": [{"role": "user",
+            "content": [url("image/png", out.getvalue()), {"type": "text", "text": "heart"}]}]}).text
+        assert '"boxes": []' in streamed or '"boxes":[]' in streamed
 
 
 @pytest.mark.parametrize("fields, parts, needle", [
