@@ -68,3 +68,16 @@ def test_bad_slides(tmp_path):
         with pytest.raises(InputError, match=message) as info:
             load_patches(tmp_path / name)
         assert "\n" not in str(info.value)
+
+
+def test_wsi_recipe_layout(tmp_path):
+    from medgem.processing.recipes import WSI_PROMPT, build
+
+    write_slide(tmp_path / "big.tiff", mpp=1.0)
+    prompt = build("wsi", source=tmp_path / "big.tiff", tissue="colon", procedure="biopsy", max_slices=3)
+    text, *patches = prompt.messages[0]["content"]
+    assert text == {"type": "text", "text": WSI_PROMPT + "\ncolon, biopsy:"}  # the notebook's prompt, then patches
+    assert [p["type"] for p in patches] == ["image"] * 3 == ["image"] * prompt.images
+    assert prompt.slide.tissue_patches == 4
+    with pytest.raises(InputError, match="needs a slide file, its tissue and its procedure"):
+        build("wsi", source=tmp_path / "big.tiff", tissue="colon")
