@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,78 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # product leaves the default alone; benchmarks run in their own processes.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 assert "torch" not in __import__("sys").modules, "torch was imported before OMP_WAIT_POLICY could be set"
+
+
+def write_series(
+    folder: Path,
+    count: int,
+    *,
+    geometry: bool = True,
+    orientation: tuple[float, ...] = (1, 0, 0, 0, 1, 0),
+    step: float = 2.5,
+    seed: int = 0,
+    base: str = "CT_small.dcm",
+) -> dict[int, Path]:
+    """`count` slices of a real slice (pydicom's CT_small.dcm, or `base`, e.g. MR_small.dcm); slice k
+    sits k*step mm along the normal and its stored values are k*10 higher. Files are written in shuffled
+    order under unrelated names, and InstanceNumber runs backwards, so only ImagePositionPatient gives
+    the true order. Returns {k: path}."""
+    import copy
+
+    import numpy as np
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    template = pydicom.dcmread(get_testdata_file(base))
+    raw = template.pixel_array
+    cosines = np.asarray(orientation, dtype=float)
+    normal = np.cross(cosines[:3], cosines[3:])
+    series_uid = generate_uid()
+    paths = {}
+    for file_index, k in enumerate(np.random.default_rng(seed).permutation(count)):
+        ds = copy.deepcopy(template)
+        ds.PixelData = (raw + 10 * int(k)).astype(raw.dtype).tobytes()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = series_uid
+        if geometry:
+            ds.ImageOrientationPatient = [float(c) for c in orientation]
+            ds.ImagePositionPatient = [
+                round(float(v), 4) for v in np.array([-158.1, -179.0, -75.7]) + k * step * normal
+            ]
+            ds.InstanceNumber = count - int(k)
+        else:
+            del ds.ImagePositionPatient, ds.ImageOrientationPatient
+            ds.InstanceNumber = int(k) + 1
+        paths[int(k)] = folder / f"IM{file_index:05d}"
+        ds.save_as(paths[int(k)])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def gemma3_chat_template() -> str:
+    """The Gemma 3 chat template that published checkpoints ship (rendered by transformers' Jinja)."""
+    return (
+        "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- if messages[0]['content'] is string -%}"
+        "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- else -%}"
+        "{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}{%- endif -%}"
+        "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = \"\" -%}"
+        "{%- set loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}"
+        "{%- if (message['role'] == 'assistant') -%}{%- set role = \"model\" -%}{%- else -%}"
+        "{%- set role = message['role'] -%}{%- endif -%}"
+        "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}"
+        "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+        "{%- elif message['content'] is iterable -%}{%- for item in message['content'] -%}"
+        "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}{%- elif item['type'] == 'text' -%}"
+        "{{ item['text'] | trim }}{%- endif -%}{%- endfor -%}{%- endif -%}{{ '<end_of_turn>\n' }}"
+        "{%- endfor -%}{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}"
+    )
+
+
+@pytest.fixture(scope="session")
+def series_writer():
+    """write_series(folder, count, **options): a DICOM series from a real slice, in shuffled files."""
+    return write_series
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +153,20 @@ def tiny_medgemma(tmp_path_factory, real_pipe):
     (folder / "preprocessor_config.json").write_text(json.dumps(
         {"image_processor_type": "Gemma3ImageProcessor", "size": {"height": 28, "width": 28}, "resample": 2,
          "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_long(tiny_medgemma, tmp_path_factory):
+    """The tiny checkpoint with a 1024-token context: the localize prompt alone is about 330 tokens."""
+    folder = tmp_path_factory.mktemp("long") / "medgemma-tiny"
+    folder.mkdir()
+    for item in tiny_medgemma.iterdir():
+        if item.name != "config.json":
+            (folder / item.name).symlink_to(item)
+    config = json.loads((tiny_medgemma / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 1024
+    (folder / "config.json").write_text(json.dumps(config))
     return folder
 
 
@@ -148,3 +235,42 @@ def rss():
     from types import SimpleNamespace
 
     return SimpleNamespace(reset=peak_rss_reset, peak_mb=lambda: _status_mb("VmHWM"), now_mb=lambda: _status_mb("VmRSS"))
+
+
+@pytest.fixture(scope="session")
+def scripted_pipe(real_pipe):
+    """scripted_pipe(prompt, reply): a real Pipeline (the embedded tokenizer and config, the real engine,
+    scheduler and server code) whose model answers `prompt` with exactly `reply`'s tokens, then
+    <end_of_turn>: a model forced to write what a test needs, e.g. MedGemma 1.5's unasked thought."""
+    import torch
+
+    from medgem.pipeline import Pipeline
+
+    tokenizer = real_pipe.tokenizer
+
+    class ScriptedLM(torch.nn.Module):
+        """Next token from the absolute position alone, so batching, caching and chunking cannot matter."""
+
+        def __init__(self, script: list[int], prompt_len: int):
+            super().__init__()
+            self.script, self.prompt_len = script, prompt_len
+            self.anchor = torch.nn.Parameter(torch.zeros(1))  # dtype and device for the engine
+
+        def forward(self, input_ids=None, *, positions, inputs_embeds=None, groups=None, cache=None,
+                    last_only=False, return_hidden=False):
+            hidden = positions[:, -1:] if last_only else positions
+            hidden = hidden.float()[..., None]
+            return hidden if return_hidden else self.logits(hidden)
+
+        def logits(self, hidden):
+            steps = (hidden[..., 0].long() - (self.prompt_len - 1)).clamp(0, len(self.script) - 1)
+            out = torch.full((*steps.shape, tokenizer.vocab_size), -1e4)
+            out.scatter_(-1, torch.tensor(self.script)[steps][..., None], 1e4)
+            return out
+
+    def make(prompt, reply: str) -> Pipeline:
+        script = tokenizer.encode(reply, add_bos=False) + [tokenizer.end_of_turn_id]
+        length = len(real_pipe.prompt_ids(prompt))
+        return Pipeline(ScriptedLM(script, length), tokenizer, real_pipe.config, "scripted")
+
+    return make

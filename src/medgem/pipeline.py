@@ -10,6 +10,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,11 @@ from medgem.engine.generate import Completion, Generator, StreamEvent
 from medgem.engine.quant import QUANT_MODES, load_quantized_text_model, quantize_text_model
 from medgem.engine.sampling import SamplingParams
 from medgem.engine.speculative import Drafter, PromptLookup
-from medgem.errors import CapabilityError, InputError
+from medgem.errors import CapabilityError, ContextLengthError, InputError
+from medgem.processing import recipes
+from medgem.processing.boxes import Box, answer_boxes
 from medgem.processing.multimodal import MultimodalProcessor
+from medgem.processing.thinking import ThoughtSplitter, split_thought, thought_keeping_decode
 from medgem.processing.tokenizer import Tokenizer, render_chat
 from medgem.weights import (
     check_device,
@@ -37,6 +41,20 @@ from medgem.weights.multimodal import load_multimodal_model
 log = logging.getLogger(__name__)
 
 Prompt = str | list[dict[str, Any]]
+# Tokens around each image besides its soft tokens: "\n\n<start_of_image>", "<end_of_image>\n\n" and a
+# label such as "SLICE 85" (counted high so the check never passes a prompt that cannot fit).
+IMAGE_OVERHEAD_TOKENS = 8
+
+
+@dataclass
+class RecipeResult:
+    """An answer to a recipe prompt: the text (never a thought), the thought, boxes for localize."""
+
+    text: str
+    reasoning: str
+    boxes: list[Box] | None
+    prompt: recipes.RecipePrompt
+    completion: Completion
 
 
 def _has_images(messages: list[dict[str, Any]]) -> bool:
@@ -71,8 +89,10 @@ class Pipeline:
         self.load_seconds = load_seconds
         self.compiled = False  # set by compile()
         self.base_model = False  # a pretrained, not instruction-tuned, model: completion prompts suit it (load sets it)
-        self.engine = Generator(model, text_config, lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-                                tokenizer.stop_ids, tokenizer.pad_id)
+        # Thought markers survive decoding so that complete/stream can split a thought off the answer
+        # (processing/thinking.py); dropped as ordinary special tokens, the thought would read as answer.
+        self.engine = Generator(model, text_config, thought_keeping_decode(tokenizer), tokenizer.stop_ids,
+                                tokenizer.pad_id)
         self.draft: Callable[[], Drafter | PromptLookup] | None = None  # makes the drafter: use_draft/use_prompt_lookup
         self._speculative: Any = None  # the Scheduler that runs text prompts with the drafter
 
@@ -169,6 +189,45 @@ class Pipeline:
         images = [p for p in pixels if p is not None]
         return list(ids), ({"pixel_values": torch.cat(images)} if images else None)
 
+    # -- recipes (processing/recipes.py) ------------------------------------------------------------
+    def check_budget(self, recipe: str, n_images: int, max_new_tokens: int, context: int | None = None) -> None:
+        """Refuse, with the numbers, a recipe prompt that cannot fit: n images x tokens per image plus the
+        answer against the model's context (or a smaller `context`, e.g. a server's prompt limit)."""
+        if self.processor is None:
+            raise CapabilityError(f"the {recipe} recipe sends images, and model {self.source} has no vision tower; "
+                                  "load a multimodal MedGemma checkpoint")
+        per = self.processor.tokens_per_image
+        limit = min(self.config.max_position_embeddings, context or self.config.max_position_embeddings)
+        need = n_images * (per + IMAGE_OVERHEAD_TOKENS) + max_new_tokens
+        if need > limit:
+            raise ContextLengthError(
+                f"the {recipe} recipe needs {n_images} image(s) x {per} tokens = {n_images * per:,} image tokens "
+                f"(about {need:,} with labels and {max_new_tokens} new tokens), more than the {limit:,} tokens "
+                f"available; send fewer slices (max_slices / --slices) or ask for fewer new tokens")
+
+    def recipe_prompt(self, recipe: str, question: str | None = None, *, max_new_tokens: int = 256,
+                      context: int | None = None, **sources: Any) -> recipes.RecipePrompt:
+        """Messages for a recipe ("ct", "mri", "longitudinal", "localize"), budget-checked before any pixel
+        is decoded; `sources` are recipes.build's (source, prior, current, instruction, max_slices, series)."""
+        return recipes.build(recipe, question, budget=lambda n: self.check_budget(recipe, n, max_new_tokens, context),
+                             **sources)
+
+    def ask(self, recipe: str, question: str | None = None, *, source: Any = None, prior: Any = None,
+            current: Any = None, instruction: str | None = None, max_slices: int = recipes.MAX_SLICES,
+            series: str | None = None, tissue: str | None = None, procedure: str | None = None,
+            **sampling: Any) -> RecipeResult:
+        """One answer to a recipe prompt, e.g. `pipe.ask("ct", "Any liver lesion?", source="series/")`,
+        `pipe.ask("wsi", source="slide.svs", tissue="colon", procedure="biopsy")` or
+        `pipe.ask("localize", "right clavicle", source="cxr.png").boxes` (pixels of the original image)."""
+        if recipe == "wsi" and max_slices == recipes.MAX_SLICES:
+            max_slices = recipes.RECIPES["wsi"].max_images
+        prompt = self.recipe_prompt(recipe, question, max_new_tokens=sampling.get("max_new_tokens", 256),
+                                    source=source, prior=prior, current=current, instruction=instruction,
+                                    max_slices=max_slices, series=series, tissue=tissue, procedure=procedure)
+        completion = self.complete([prompt.messages], **sampling)[0]
+        boxes = answer_boxes(completion.text, prompt.padding) if prompt.padding is not None else None
+        return RecipeResult(completion.text, completion.reasoning, boxes, prompt, completion)
+
     @staticmethod
     def sampling(**kwargs: Any) -> SamplingParams:
         stop = kwargs.pop("stop", None) or ()
@@ -177,7 +236,8 @@ class Pipeline:
     # -- generation -----------------------------------------------------------------------------------
     def complete(self, prompts: list[Prompt], *, raw: bool = False, system: str | None = None,
                  **sampling: Any) -> list[Completion]:
-        """Completions with token counts and timings, one per prompt, batched."""
+        """Completions with token counts and timings, one per prompt, batched. A thought trace the model
+        wrote is in `Completion.reasoning`, never in `.text`."""
         params = self.sampling(**sampling)
         ids, extra = self._batch_inputs(prompts, raw, system)
         if self.draft is not None and extra is None:
@@ -185,8 +245,12 @@ class Pipeline:
 
             requests = [Request(p, params) for p in ids]  # queued together, batched by the scheduler
             done = {e.request_id: e.completion for e in self._draft_scheduler().drive(requests) if e.done}
-            return [done[r.request_id] for r in requests]
-        return self.engine.run(ids, [params] * len(ids), extra)
+            completions = [done[r.request_id] for r in requests]
+        else:
+            completions = self.engine.run(ids, [params] * len(ids), extra)
+        for completion in completions:
+            completion.reasoning, completion.text = split_thought(completion.text)
+        return completions
 
     def generate(self, prompt: Prompt, **kwargs: Any) -> str:
         return self.complete([prompt], **kwargs)[0].text
@@ -196,14 +260,19 @@ class Pipeline:
 
     def stream(self, prompt: Prompt, *, raw: bool = False, system: str | None = None,
                **sampling: Any) -> Iterator[str]:
-        """Text pieces as they are generated; `self.last_completion` holds the accounting afterwards."""
+        """Answer pieces as they are generated (a thought trace is held back); `self.last_completion` holds
+        the accounting afterwards, with the thought in `.reasoning`."""
         params = self.sampling(**sampling)
         ids, extra = self._batch_inputs([prompt], raw, system)
+        splitter = ThoughtSplitter()
         for event in self.events(ids[0], params, extra):
-            if event.text:
-                yield event.text
+            _, answer = splitter.feed(event.text, final=event.done)
+            if answer:
+                yield answer
             if event.done:
-                self.last_completion = event.completion
+                completion = event.completion
+                completion.reasoning, completion.text = split_thought(completion.text)
+                self.last_completion = completion
 
     def events(self, ids: list[int], params: SamplingParams, extra: dict | None = None) -> Iterator[StreamEvent]:
         """Generation events for one prompt of token ids: through the speculative scheduler when `use_draft`
@@ -309,4 +378,4 @@ def add_draft(pipe: Pipeline, draft: str, k: int | None = None, **load_options: 
         pipe.use_draft(load(None if draft == "embedded" else draft, **load_options), k)
 
 
-__all__ = ["Pipeline", "add_draft", "load", "resolve_source"]
+__all__ = ["Pipeline", "RecipeResult", "add_draft", "load", "resolve_source"]

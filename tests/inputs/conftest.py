@@ -3,15 +3,12 @@ and CT series folders built from a real CT slice (only position, numbering and a
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
 
 import medgem.cli
 
@@ -51,46 +48,10 @@ def testfile() -> Callable[[str], str]:
     return path
 
 
-def write_series(
-    folder: Path,
-    count: int,
-    *,
-    geometry: bool = True,
-    orientation: tuple[float, ...] = (1, 0, 0, 0, 1, 0),
-    step: float = 2.5,
-    seed: int = 0,
-) -> dict[int, Path]:
-    """`count` slices of the real CT_small.dcm; slice k sits k*step mm along the normal and is k*10 HU
-    brighter. Files are written in shuffled order under unrelated names, and InstanceNumber runs
-    backwards, so only ImagePositionPatient gives the true order. Returns {k: path}."""
-    base = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    raw = base.pixel_array
-    cosines = np.asarray(orientation, dtype=float)
-    normal = np.cross(cosines[:3], cosines[3:])
-    series_uid = generate_uid()
-    paths = {}
-    for file_index, k in enumerate(np.random.default_rng(seed).permutation(count)):
-        ds = copy.deepcopy(base)
-        ds.PixelData = (raw + 10 * int(k)).astype(raw.dtype).tobytes()
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.SeriesInstanceUID = series_uid
-        if geometry:
-            ds.ImageOrientationPatient = [float(c) for c in orientation]
-            ds.ImagePositionPatient = [
-                round(float(v), 4) for v in np.array([-158.1, -179.0, -75.7]) + k * step * normal
-            ]
-            ds.InstanceNumber = count - int(k)
-        else:
-            del ds.ImagePositionPatient, ds.ImageOrientationPatient
-            ds.InstanceNumber = int(k) + 1
-        paths[int(k)] = folder / f"IM{file_index:05d}"
-        ds.save_as(paths[int(k)])
-    return paths
-
-
 @pytest.fixture
-def series(tmp_path: Path) -> Callable[..., dict[int, Path]]:
-    """Factory: series(count, **options) writes a series into a fresh folder (see write_series)."""
+def series(tmp_path: Path, series_writer) -> Callable[..., dict[int, Path]]:
+    """Factory: series(count, **options) writes a series into a fresh folder (see tests/conftest.py
+    write_series)."""
     made = 0
 
     def make(count: int, **options) -> dict[int, Path]:
@@ -98,7 +59,7 @@ def series(tmp_path: Path) -> Callable[..., dict[int, Path]]:
         made += 1
         folder = tmp_path / f"series{made}"
         folder.mkdir()
-        return write_series(folder, count, **options)
+        return series_writer(folder, count, **options)
 
     return make
 

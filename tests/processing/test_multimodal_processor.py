@@ -22,34 +22,9 @@ from medgem.config import MULTIMODAL_PRESETS
 from medgem.errors import ConfigError, InputError
 from medgem.processing.images import ImageProcessor
 from medgem.processing.multimodal import MultimodalProcessor, message_images
-from medgem.processing.tokenizer import Tokenizer, render_chat
-from medgem.weights import gguf_reader, medgem_home
-from medgem.weights.export import write_tokenizer_files
+from medgem.processing.tokenizer import render_chat
 
 SOFT = 262_144
-
-
-@pytest.fixture(scope="module")
-def tokenizer(embedded_gguf):
-    return Tokenizer.from_gguf(gguf_reader.open_gguf(embedded_gguf), medgem_home() / "tokenizers")
-
-
-@pytest.fixture(scope="module")
-def hf_processor(embedded_gguf, tmp_path_factory):
-    from tokenizers import Tokenizer as RawTokenizer
-    from transformers import Gemma3ImageProcessorPil, Gemma3Processor, GemmaTokenizerFast
-
-    folder = tmp_path_factory.mktemp("hf_tok")
-    write_tokenizer_files(embedded_gguf, folder, image_token=True)
-    path = folder / "tokenizer.json"
-    assert RawTokenizer.from_file(str(path)).token_to_id("<image_soft_token>") == SOFT
-    hf_tokenizer = GemmaTokenizerFast(
-        tokenizer_file=str(path),
-        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
-                              "image_token": "<image_soft_token>"},
-    )
-    image_processor = Gemma3ImageProcessorPil(size={"height": 896, "width": 896})
-    return Gemma3Processor(image_processor=image_processor, tokenizer=hf_tokenizer, image_seq_length=256)
 
 
 @pytest.fixture(scope="module")

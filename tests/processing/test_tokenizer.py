@@ -95,25 +95,10 @@ def test_chat_template_errors(messages, message):
         render_chat(messages)
 
 
-def test_chat_template_matches_transformers_jinja(real_pipe):
+def test_chat_template_matches_transformers_jinja(real_pipe, gemma3_chat_template):
     """The Gemma 3 chat template that published checkpoints ship, rendered by transformers' Jinja engine."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    template = (
-        "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- if messages[0]['content'] is string -%}"
-        "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- else -%}"
-        "{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}{%- endif -%}"
-        "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = \"\" -%}"
-        "{%- set loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}"
-        "{%- if (message['role'] == 'assistant') -%}{%- set role = \"model\" -%}{%- else -%}"
-        "{%- set role = message['role'] -%}{%- endif -%}"
-        "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}"
-        "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
-        "{%- elif message['content'] is iterable -%}{%- for item in message['content'] -%}"
-        "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}{%- elif item['type'] == 'text' -%}"
-        "{{ item['text'] | trim }}{%- endif -%}{%- endfor -%}{%- endif -%}{{ '<end_of_turn>\n' }}"
-        "{%- endfor -%}{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}"
-    )
     conversations = [
         [{"role": "user", "content": "What is a normal resting heart rate?"}],
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Define sepsis. "},
@@ -121,6 +106,6 @@ def test_chat_template_matches_transformers_jinja(real_pipe):
          {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this?"}]}],
     ]
     for conv in conversations:
-        rendered, _ = render_jinja_template([conv], chat_template=template, add_generation_prompt=True,
+        rendered, _ = render_jinja_template([conv], chat_template=gemma3_chat_template, add_generation_prompt=True,
                                             bos_token="<bos>")
         assert real_pipe.tokenizer.apply_chat_template(conv) == rendered[0]

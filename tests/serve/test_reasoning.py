@@ -74,3 +74,19 @@ def test_reasoning_switch_on_a_thinking_model(serve, tiny_pipe):
         assert streamed == on.choices[0].message.content
         with pytest.raises(openai.BadRequestError, match="disagree"):
             client.chat.completions.create(**ask, reasoning_effort="none", extra_body={"reasoning": True})
+
+
+def test_an_unasked_thought_is_reasoning_content_over_http(serve, scripted_pipe):
+    """MedGemma 1.5 4B (no thinking mode) thinks unasked: the thought never reaches `content`, streamed
+    or not, in chat or completions, and chat returns it as `reasoning_content`."""
+    messages = [{"role": "user", "content": "Chest pain?"}]
+    with serve(scripted_pipe(messages, RAW), ServeSettings(model_name="m")) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        ask = dict(model="m", messages=messages, max_tokens=64, temperature=0)
+        reply = client.chat.completions.create(**ask).choices[0].message
+        assert reply.content == "Likely pneumonia."
+        assert reply.model_extra["reasoning_content"] == "Left lower lobe opacity; consider pneumonia."
+        pieces = [c.choices[0].delta for c in client.chat.completions.create(**ask, stream=True) if c.choices]
+        assert "".join(d.content or "" for d in pieces) == "Likely pneumonia."
+        assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in pieces) == reply.model_extra[
+            "reasoning_content"]

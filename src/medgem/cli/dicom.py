@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from medgem import progress
@@ -20,6 +21,7 @@ from medgem.errors import InputError
 from medgem.inputs.deid import safe_summary
 from medgem.inputs.dicom import DEFAULT_SLICES, read_dicom, read_series
 from medgem.inputs.images import contact_sheet, load_image, load_images_from_path
+from medgem.inputs.volume import MAX_SLICES, VOLUME_RECIPES, load_volume
 
 _SHEET_TILE = 256
 
@@ -65,6 +67,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"longest side of a single image, or of each sheet tile (default: native, "
         f"or {_SHEET_TILE} on a sheet)",
     )
+    preview.add_argument("--recipe", default=None, choices=list(VOLUME_RECIPES),
+                         help="show the exact slices and colours a MedGemma 1.5 recipe sends (ct: three HU "
+                         "windows as RGB; mri: whole-volume min-max), labelled SLICE n as in the prompt; "
+                         "--slices is then the most slices (default 85)")
+    preview.add_argument("--series", default=None, metavar="UID", help="with --recipe: the series to read from a "
+                         "folder that holds several")
     preview.set_defaults(func=run_preview)
 
 
@@ -91,6 +99,10 @@ def run_preview(args: argparse.Namespace) -> int:
         raise InputError("give --frame or --slices, not both")
     if args.output.suffix.lower() != ".png":
         raise InputError(f"{args.output.name}: the preview is written as PNG; name the output *.png")
+    if args.recipe is not None:
+        return _preview_recipe(args)
+    if args.series is not None:
+        raise InputError("--series goes with --recipe")
     if args.frame is not None:
         images = [load_image(args.path, args.window, frame=args.frame)]
     else:
@@ -109,4 +121,22 @@ def run_preview(args: argparse.Namespace) -> int:
         raise InputError(f"cannot write {args.output.name} ({type(exc).__name__})") from None
     layout = "one image" if len(images) == 1 else f"contact sheet of {len(images)} images"
     print(f"wrote {args.output} ({layout}, {picture.width}x{picture.height}, window {args.window or 'auto'})")
+    return 0
+
+
+def _preview_recipe(args: argparse.Namespace) -> int:
+    """The contact sheet of a volume recipe: its slices, in prompt order, each labelled as in the prompt."""
+    if args.window is not None or args.frame is not None:
+        raise InputError("--window and --frame do not combine with --recipe: the recipe picks slices and colours")
+    volume = load_volume(args.path, args.recipe, args.slices or MAX_SLICES, args.series, progress=True)
+    for note in volume.warnings:
+        print(f"medgem: warning: {note}", file=sys.stderr)
+    labels = [f"SLICE {n}" for n in range(1, len(volume.images) + 1)]
+    picture = contact_sheet(volume.images, args.size or _SHEET_TILE, labels)
+    try:
+        picture.save(args.output, format="PNG")
+    except OSError as exc:
+        raise InputError(f"cannot write {args.output.name} ({type(exc).__name__})") from None
+    print(f"wrote {args.output} (recipe {args.recipe}: {len(volume.images)} of {volume.total} slices sorted by "
+          f"{volume.sorted_by}, labelled SLICE 1..{len(volume.images)}; {picture.width}x{picture.height})")
     return 0

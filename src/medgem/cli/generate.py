@@ -10,6 +10,7 @@ from typing import Any
 
 from medgem import progress
 from medgem.cli.common import WINDOW_HELP, add_model_args, load_from_args, print_notice
+from medgem.cli.recipes import add_recipe_args, check_recipe_args, run_recipe
 from medgem.errors import InputError
 from medgem.inputs.text import clean_text
 
@@ -51,15 +52,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="image, DICOM file, or DICOM series folder (repeatable)")
     chat.add_argument("--window", default=None, help=f"with --image: {WINDOW_HELP}")
     chat.add_argument("--slices", type=int, default=None,
-                      help="with --image: slices to take from a DICOM series or multi-frame file")
+                      help="with --image: slices to take from a DICOM series or multi-frame file "
+                           "(with --recipe ct/mri: at most this many, default 85)")
+    add_recipe_args(chat)
     add_model_args(chat)
     add_sampling_args(chat)
     chat.set_defaults(func=run_chat)
 
 
-def _report(pipe, completion, as_json: bool) -> None:
+def _report(pipe, completion, as_json: bool, extra: dict[str, Any] | None = None) -> None:
+    """The accounting after an answer: one JSON object (with `extra`'s fields), or one line on stderr."""
     if as_json:
         print(json.dumps({
+            **(extra or {}),
             "model": pipe.source,
             "text": completion.text,
             "token_ids": completion.token_ids,
@@ -133,12 +138,15 @@ def validate_sampling(args: argparse.Namespace) -> None:
 
 def run_chat(args: argparse.Namespace) -> int:
     validate_sampling(args)
-    if not args.image and (args.window is not None or args.slices is not None):
+    sources = check_recipe_args(args) if args.recipe else None
+    if sources is None and not args.image and (args.window is not None or args.slices is not None):
         flag = "--window" if args.window is not None else "--slices"
         raise InputError(f"{flag} applies to --image and no --image was given; add --image FILE or drop {flag}")
     print_notice()
     pipe = load_from_args(args)
     hint_base_model(pipe)
+    if sources is not None:
+        return run_recipe(args, pipe, sources)
     images = image_parts(args.image, args.window, args.slices) if args.image else []
     history: list[dict[str, Any]] = []
 

@@ -32,6 +32,7 @@ class Completion:
     finish_reason: str  # "stop" (EOS, end of turn or a stop string) or "length"
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    reasoning: str = ""  # a thought trace the pipeline split off the text (processing/thinking.py)
 
     @property
     def completion_tokens(self) -> int:

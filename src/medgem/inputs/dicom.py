@@ -285,7 +285,7 @@ def _first(ds: Dataset, value: Any, keyword: str) -> float:
     return header_number(ds, value, keyword)
 
 
-def _decode(ds: Dataset, index: int, name: str) -> np.ndarray:
+def decode_frame(ds: Dataset, index: int, name: str) -> np.ndarray:
     """Stored pixel values of one frame (YBR converted to RGB by pydicom)."""
     ts = ds.file_meta.get("TransferSyntaxUID")
     try:
@@ -308,15 +308,16 @@ def _decode(ds: Dataset, index: int, name: str) -> np.ndarray:
             ) from None
 
 
-def modality_values(ds: Dataset, stored: np.ndarray, index: int = 0) -> np.ndarray:
-    """Stored values -> modality values (Hounsfield units for CT) as float32."""
+def modality_values(ds: Dataset, stored: np.ndarray, index: int = 0, dtype: type = np.float32) -> np.ndarray:
+    """Stored values -> modality values (Hounsfield units for CT), float32 unless `dtype` says otherwise
+    (volume recipes use float64, as pydicom's apply_rescale in the MedGemma 1.5 CT notebook does)."""
     if ds.get("ModalityLUTSequence"):
-        return apply_modality_lut(stored, ds).astype(np.float32)
+        return apply_modality_lut(stored, ds).astype(dtype)
     slope = frame_attr(ds, index, "PixelValueTransformationSequence", "RescaleSlope")
     intercept = frame_attr(ds, index, "PixelValueTransformationSequence", "RescaleIntercept")
     slope = 1.0 if slope is None else header_number(ds, slope, "RescaleSlope")
     intercept = 0.0 if intercept is None else header_number(ds, intercept, "RescaleIntercept")
-    values = stored.astype(np.float32)
+    values = stored.astype(dtype)
     if slope != 1.0:
         values *= slope
     if intercept != 0.0:
@@ -446,13 +447,13 @@ def _to_image(unit: np.ndarray, size: int | None) -> Image.Image:
     return image
 
 
-def _is_colour(ds: Dataset) -> bool:
+def is_colour(ds: Dataset) -> bool:
     return ds.get("PhotometricInterpretation") in _COLOUR or int(ds.get("SamplesPerPixel") or 1) > 1
 
 
 def _grey_values(ds: Dataset, indices: list[int], name: str) -> list[np.ndarray]:
     """Modality values (e.g. HU) of each frame asked for."""
-    return [modality_values(ds, _decode(ds, i, name), i) for i in indices]
+    return [modality_values(ds, decode_frame(ds, i, name), i) for i in indices]
 
 
 def _data_range(ds: Dataset, values: np.ndarray) -> tuple[float, float]:
@@ -482,9 +483,9 @@ def _render(
     value_range: tuple[float, float] | None = None,
 ) -> list[Image.Image]:
     """Frames `indices` of `ds` as images; `values` may carry already decoded grey frames."""
-    if _is_colour(ds):
+    if is_colour(ds):
         return [
-            _to_image(_reorient(_colour_to_unit(ds, _decode(ds, i, name), window, name), ds), size)
+            _to_image(_reorient(_colour_to_unit(ds, decode_frame(ds, i, name), window, name), ds), size)
             for i in indices
         ]
     values = values if values is not None else _grey_values(ds, indices, name)
@@ -551,17 +552,24 @@ def load_dicom(
     )
 
 
-def _slice_key(ds: Dataset) -> float | None:
-    """Position along the slice normal: ImagePositionPatient . (row x column direction cosines)."""
-    position = frame_attr(ds, 0, "PlanePositionSequence", "ImagePositionPatient")
-    orientation = frame_attr(ds, 0, "PlaneOrientationSequence", "ImageOrientationPatient")
+def slice_geometry(ds: Dataset, index: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
+    """(ImagePositionPatient, slice normal = row x column direction cosines) of frame `index`, or None
+    when the geometry is absent or malformed."""
+    position = frame_attr(ds, index, "PlanePositionSequence", "ImagePositionPatient")
+    orientation = frame_attr(ds, index, "PlaneOrientationSequence", "ImageOrientationPatient")
     try:
         point, cosines = np.asarray(position, dtype=np.float64), np.asarray(orientation, dtype=np.float64)
     except (TypeError, ValueError):  # absent or malformed geometry: sort by another key
         return None
-    if point.shape != (3,) or cosines.shape != (6,):
+    if point.shape != (3,) or cosines.shape != (6,) or not np.isfinite([*point, *cosines]).all():
         return None
-    return float(np.dot(point, np.cross(cosines[:3], cosines[3:])))
+    return point, np.cross(cosines[:3], cosines[3:])
+
+
+def _slice_key(ds: Dataset) -> float | None:
+    """Position along the slice normal: ImagePositionPatient . (row x column direction cosines)."""
+    geometry = slice_geometry(ds)
+    return None if geometry is None else float(np.dot(*geometry))
 
 
 def sort_slices(slices: list[Dataset]) -> tuple[list[Dataset], str]:
@@ -583,11 +591,13 @@ def sort_slices(slices: list[Dataset]) -> tuple[list[Dataset], str]:
     return [slices[i] for i in order], method
 
 
-def read_series(folder: str | os.PathLike[str], *, progress: bool = False) -> tuple[list[Dataset], str]:
+def read_series(folder: str | os.PathLike[str], *, progress: bool = False,
+                series: str | None = None) -> tuple[list[Dataset], str]:
     """Headers (no pixels) of the image slices in `folder`, sorted; (slices, sort key used).
 
     Files that are not DICOM images (DICOMDIR, notes, thumbnails) are skipped. A folder that mixes
-    several series is refused rather than guessed at.
+    several series is refused rather than guessed at, with the list of its series, unless `series`
+    (a SeriesInstanceUID) picks one.
     """
     name = source_name(folder)
     folder = Path(folder)
@@ -605,12 +615,26 @@ def read_series(folder: str | os.PathLike[str], *, progress: bool = False) -> tu
     logger.debug("series folder: %d image slice(s), %d other file(s) skipped", len(slices), skipped)
     if not slices:
         raise InputError(f"{name}: the folder holds no DICOM image files")
-    series = {ds.get("SeriesInstanceUID") for ds in slices}
-    if len(series) > 1:
-        raise InputError(f"{name}: the folder mixes {len(series)} series; put one series per folder")
+    found: dict[str, list[Dataset]] = {}
+    for ds in slices:
+        found.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(ds)
+    if series is not None:
+        if series not in found:
+            raise InputError(f"{name}: no series {series} in the folder; it holds {_series_list(found)}")
+        slices = found[series]
+    elif len(found) > 1:
+        raise InputError(f"{name}: the folder mixes {len(found)} series: {_series_list(found)}; pick one with "
+                         "--series UID (or put one series per folder)")
     if any(frame_count(ds) > 1 for ds in slices) and len(slices) > 1:
         raise InputError(f"{name}: the folder mixes multi-frame files; pass a multi-frame file on its own")
     return sort_slices(slices)
+
+
+def _series_list(found: dict[str, list[Dataset]]) -> str:
+    """'UID (CT, 120 files); ...': enough to pick one. Shown to the user who gave the folder, never logged
+    (a UID can be linked back to its study)."""
+    return "; ".join(f"{uid or '(no UID)'} ({group[0].get('Modality', '?')}, {len(group)} files)"
+                     for uid, group in sorted(found.items()))
 
 
 def load_series(
@@ -633,7 +657,7 @@ def load_series(
         read_dicom(ds.filename)
         for ds in tqdm(chosen, desc="decoding slices", unit="slice", disable=not progress)
     ]
-    if any(_is_colour(ds) for ds in full):
+    if any(is_colour(ds) for ds in full):
         return [_render(ds, [0], window, size, source_name(ds.filename))[0] for ds in full]
     values = [_grey_values(ds, [0], source_name(ds.filename))[0] for ds in full]
     value_range = _shared_range(full, values)

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from medgem.errors import InputError
 from medgem.inputs import dicom
@@ -129,14 +129,19 @@ def load_images_from_path(
     return [load_image(path, window, size=size)]
 
 
-def contact_sheet(images: list[Image.Image], tile: int = 256) -> Image.Image:
+def contact_sheet(images: list[Image.Image], tile: int = 256, labels: list[str] | None = None) -> Image.Image:
     """Several images on one black RGB sheet, row-major in the given order, each fitted in a tile²
-    cell (scaled up or down, aspect kept): a preview of a series that opens in any viewer."""
+    cell (scaled up or down, aspect kept): a preview of a series that opens in any viewer. `labels`
+    (e.g. the recipe's 'SLICE n') are written in each cell's top-left corner, white on a black outline."""
     columns = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
     sheet = Image.new("RGB", (columns * tile, rows * tile))
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=max(10, tile // 14))
     for i, image in enumerate(images):
         thumb = ImageOps.contain(image, (tile, tile), Image.Resampling.LANCZOS)
         x, y = (i % columns) * tile, (i // columns) * tile
         sheet.paste(thumb, (x + (tile - thumb.width) // 2, y + (tile - thumb.height) // 2))
+        if labels:
+            draw.text((x + 4, y + 2), labels[i], fill="white", font=font, stroke_width=2, stroke_fill="black")
     return sheet

@@ -16,7 +16,6 @@ from dataclasses import replace
 
 import torch
 
-from medgem.engine.generate import Generator
 from medgem.engine.sampling import SamplingParams
 from medgem.engine.scheduler import (
     Engine,
@@ -29,18 +28,15 @@ from medgem.engine.scheduler import (
 )
 from medgem.pipeline import Pipeline
 from medgem.serve.errors import APIError
-from medgem.serve.reasoning import thought_keeping_decode
 from medgem.serve.settings import ServeSettings
 
 
 class Backend:
-    """An `Engine` over the pipeline's model; `thinking` keeps thought markers in the decoded text."""
+    """An `Engine` over the pipeline's model. Its decoded text keeps thought markers (the pipeline's
+    decoding, processing/thinking.py), which the routes split off every answer."""
 
-    def __init__(self, pipe: Pipeline, settings: ServeSettings, thinking: bool):
+    def __init__(self, pipe: Pipeline, settings: ServeSettings):
         generator = pipe.engine
-        if thinking:
-            generator = Generator(generator.model, pipe.config, thought_keeping_decode(pipe.tokenizer),
-                                  tuple(pipe.tokenizer.stop_ids), pipe.tokenizer.pad_id)
         limits = settings.limits
         self.max_slots = settings.max_batch
         draft = pipe.draft() if pipe.draft else None  # --draft: speculative decoding

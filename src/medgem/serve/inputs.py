@@ -12,21 +12,27 @@ import base64
 import binascii
 import io
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, UnidentifiedImageError
 
 from medgem.errors import InputError
-from medgem.inputs import dicom
+from medgem.inputs import dicom, volume
 from medgem.inputs.deid import safe_summary
 from medgem.inputs.images import load_image
+from medgem.processing import recipes
+from medgem.processing.recipes import RecipePrompt
 from medgem.serve.errors import APIError
-from medgem.serve.schemas import ChatMessage, ImagePart
+from medgem.serve.schemas import ChatMessage, ChatRequest, ImagePart
 from medgem.serve.settings import Limits
 
+if TYPE_CHECKING:
+    from medgem.pipeline import Pipeline
+
 DICOM_TYPE = "application/dicom"
+ZIP_TYPE = "application/zip"  # a DICOM series, for the ct and mri recipes
 RASTER_TYPES = {"image/png": "image/png", "image/jpeg": "image/jpeg", "image/jpg": "image/jpeg"}
-SUPPORTED = "image/png, image/jpeg or application/dicom"
+SUPPORTED = "image/png, image/jpeg or application/dicom (application/zip: a series, with a ct or mri recipe)"
 
 
 @dataclass
@@ -47,7 +53,7 @@ def parse_data_url(url: str, where: str) -> tuple[str, bytes]:
                        code="invalid_image_url")
     media, *options = header[len("data:"):].split(";")
     media = media.strip().lower()
-    if media != DICOM_TYPE and media not in RASTER_TYPES:
+    if media not in (DICOM_TYPE, ZIP_TYPE) and media not in RASTER_TYPES:
         raise APIError(400, f"{where}: unsupported image type; send {SUPPORTED}", param=where,
                        code="unsupported_image_type")
     if "base64" not in options:
@@ -117,14 +123,13 @@ def chat_messages(messages: list[ChatMessage], limits: Limits) -> tuple[list[dic
     decoded = {}
     for where, part in images:
         media, data = parse_data_url(part.image_url.url, where)
+        if media == ZIP_TYPE:
+            raise APIError(400, f"{where}: a zip holds a series, which needs \"recipe\": \"ct\" or \"mri\"",
+                           param=where, code="invalid_image")
         decoded[id(part)] = decode_image(data, media, part.image_url.window, limits, where).image
-    system, out = [], []
-    for i, msg in enumerate(messages):
+    system, out = _system_text(messages), []
+    for msg in messages:
         if msg.role in ("system", "developer"):
-            if not isinstance(msg.content, str) and any(isinstance(p, ImagePart) for p in msg.content):
-                raise APIError(400, f"messages[{i}]: a {msg.role} message carries text only",
-                               param=f"messages[{i}]", code="invalid_message")
-            system.append(msg.content if isinstance(msg.content, str) else "".join(p.text for p in msg.content))
             continue
         content: Any = msg.content
         if isinstance(content, list):
@@ -133,4 +138,79 @@ def chat_messages(messages: list[ChatMessage], limits: Limits) -> tuple[list[dic
         out.append({"role": msg.role, "content": content})
     if not out:
         raise APIError(400, "messages holds no user message", param="messages", code="invalid_message")
-    return out, "\n\n".join(s.strip() for s in system) or None
+    return out, system
+
+
+def _system_text(messages: list[ChatMessage]) -> str | None:
+    """The system and developer messages' text, joined; they may not carry images."""
+    system = []
+    for i, msg in enumerate(messages):
+        if msg.role not in ("system", "developer"):
+            continue
+        if not isinstance(msg.content, str) and any(isinstance(p, ImagePart) for p in msg.content):
+            raise APIError(400, f"messages[{i}]: a {msg.role} message carries text only",
+                           param=f"messages[{i}]", code="invalid_message")
+        system.append(msg.content if isinstance(msg.content, str) else "".join(p.text for p in msg.content))
+    return "\n\n".join(s.strip() for s in system) or None
+
+
+def recipe_prompt(body: ChatRequest, pipe: Pipeline, limits: Limits, max_new_tokens: int) -> tuple[RecipePrompt, str | None]:
+    """A recipe request -> (the recipe's messages, the system text).
+
+    One user message: its text parts are the question (for localize: what to find), its image parts the
+    sources. ct/mri: one zip of a series, or the series' DICOM files (or one multi-frame file) as
+    application/dicom parts, up to volume.MAX_ARCHIVE_FILES: the image limit is the recipe's, not the
+    server's. longitudinal: prior then current (DICOM dates decide); localize: one image. The budget
+    (image tokens + max_tokens against max_prompt_tokens + max_tokens) is checked before any slice decodes.
+    """
+    spec = recipes.recipe(str(body.recipe))
+    turns = [(i, m) for i, m in enumerate(body.messages) if m.role not in ("system", "developer")]
+    if len(turns) != 1 or turns[0][1].role != "user" or isinstance(turns[0][1].content, str):
+        raise APIError(400, f"a {spec.name} request has one user message whose content lists the text and the "
+                            "image(s)", param="messages", code="invalid_message")
+    index, msg = turns[0]
+    parts = image_parts([msg])
+    most = volume.MAX_ARCHIVE_FILES if spec.takes == "volume" else spec.max_images
+    if not parts or len(parts) > most:
+        raise APIError(400, f"the {spec.name} recipe takes {'1 to ' + str(most) if most > 1 else 'one'} image "
+                            f"part(s); the request has {len(parts)}", param="messages", code="too_many_images")
+    where = [w.replace("messages[0]", f"messages[{index}]", 1) for w, _ in parts]
+    blobs = [parse_data_url(p.image_url.url, w) for w, (_, p) in zip(where, parts, strict=True)]
+    question = " ".join(p.text for p in msg.content if not isinstance(p, ImagePart)).strip() or None
+    context = limits.max_prompt_tokens + max_new_tokens
+    if spec.takes != "volume" and any(media == ZIP_TYPE for media, _ in blobs):
+        raise APIError(400, f"{where[0]}: a zip holds a series, for the ct and mri recipes", param=where[0],
+                       code="invalid_image")
+    if spec.takes == "volume":
+        zips = [data for media, data in blobs if media == ZIP_TYPE]
+        if (zips and len(blobs) > 1) or any(media in RASTER_TYPES for media, _ in blobs):
+            raise APIError(400, f"the {spec.name} recipe takes one application/zip part or application/dicom parts",
+                           param="messages", code="invalid_image")
+        with volume.series_folder(files=[d for _, d in blobs] if not zips else None,
+                                  archive=zips[0] if zips else None) as folder:
+            prompt = pipe.recipe_prompt(spec.name, question, max_new_tokens=max_new_tokens, context=context,
+                                        source=folder, series=body.series, max_slices=body.max_slices or
+                                        recipes.MAX_SLICES)
+        return prompt, _system_text(body.messages)
+    if body.series is not None or body.max_slices is not None:
+        raise APIError(400, "series and max_slices go with the ct and mri recipes", param="series",
+                       code="invalid_request")
+    pipe.check_budget(spec.name, len(blobs), max_new_tokens, context)
+    if spec.name == "longitudinal":
+        if len(blobs) != 2:
+            raise APIError(400, "the longitudinal recipe takes two images: the prior, then the current one",
+                           param="messages", code="invalid_image")
+        (a, b), order = [d for _, d in blobs], [0, 1]
+        if recipes.longitudinal_order(a, b)[2]:
+            order = [1, 0]
+        images = [decode_image(blobs[i][1], blobs[i][0], parts[i][1].image_url.window, limits, where[i]).image
+                  for i in order]
+        prompt = pipe.recipe_prompt(spec.name, question, max_new_tokens=max_new_tokens, context=context,
+                                    prior=images[0], current=images[1])
+        if order == [1, 0]:
+            prompt.notes.append("the prior image is dated after the current one, so they were swapped")
+    else:
+        image = decode_image(blobs[0][1], blobs[0][0], parts[0][1].image_url.window, limits, where[0]).image
+        prompt = pipe.recipe_prompt(spec.name, question, max_new_tokens=max_new_tokens, context=context,
+                                    source=image)
+    return prompt, _system_text(body.messages)

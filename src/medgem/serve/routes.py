@@ -30,9 +30,11 @@ from medgem.engine.generate import Completion
 from medgem.engine.sampling import SamplingParams
 from medgem.engine.scheduler import Event
 from medgem.errors import CapabilityError, MedgemError
+from medgem.processing.boxes import answer_boxes
+from medgem.processing.thinking import ThoughtSplitter, split_thought
 from medgem.serve.errors import APIError, error_body, medgem_error
-from medgem.serve.inputs import chat_messages, decode_image, image_parts, parse_data_url
-from medgem.serve.reasoning import ThoughtSplitter, with_instruction
+from medgem.serve.inputs import chat_messages, decode_image, image_parts, parse_data_url, recipe_prompt
+from medgem.serve.reasoning import with_instruction
 from medgem.serve.runtime import Runtime
 from medgem.serve.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, ImagePart, SamplingFields
 
@@ -249,7 +251,12 @@ async def chat_completions(body: ChatRequest, request: Request) -> Response:
     if not pipe.supports_images and image_parts(body.messages):  # refused before anything is decoded
         raise medgem_error(CapabilityError(f"model {rt.model_id!r} has no vision tower, so it cannot read "
                                            "images; send text only"))
-    messages, system = await run_in_threadpool(chat_messages, body.messages, rt.settings.limits)
+    prompt = None  # a recipe's prompt (MedGemma 1.5's input layouts), with the padding localize maps back
+    if body.recipe is not None:
+        prompt, system = await run_in_threadpool(recipe_prompt, body, pipe, rt.settings.limits, params.max_new_tokens)
+        messages = prompt.messages
+    else:
+        messages, system = await run_in_threadpool(chat_messages, body.messages, rt.settings.limits)
     if thinking:
         system = with_instruction(system)
     ids, pixels = await run_in_threadpool(pipe.prompt_inputs, messages, False, system)
@@ -257,13 +264,21 @@ async def chat_completions(body: ChatRequest, request: Request) -> Response:
     run = request.state.run = Run(rt, "chat", [(ids, pixels)], params, body.n)
     rt.metrics.prompt_tokens.inc(run.prompt_tokens)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": rt.model_id}
-    split = rt.thinking  # a thinking model's thought is routed (reasoning on) or dropped (off)
+    # A thought never reaches `content`. It is returned as `reasoning_content` when asked for, and when a
+    # model without a thinking mode wrote one unasked (MedGemma 1.5 4B does); a thinking-mode model's
+    # thought is dropped when reasoning is off.
+    keep = thinking or not rt.thinking
+
+    def boxes(text: str) -> dict[str, Any]:
+        """localize: the answer's boxes in the pixels of the image sent."""
+        if prompt is None or prompt.padding is None:
+            return {}
+        return {"boxes": [b.to_dict() for b in answer_boxes(text, prompt.padding)]}
 
     def message(completion: Completion) -> dict[str, Any]:
-        if not split:
-            return {"role": "assistant", "content": completion.text}
         thought, text = ThoughtSplitter().feed(completion.text, final=True)
-        return {"role": "assistant", "content": text, **({"reasoning_content": thought} if thinking else {})}
+        return {"role": "assistant", "content": text, **({"reasoning_content": thought} if (keep and thought)
+                                                          or thinking else {}), **boxes(text)}
 
     def answer(completions: list[Completion]) -> dict[str, Any]:
         choices = [{"index": i, "message": message(c), "finish_reason": c.finish_reason, "logprobs": None}
@@ -279,10 +294,11 @@ async def chat_completions(body: ChatRequest, request: Request) -> Response:
         splitters = [ThoughtSplitter() for _ in range(run.count)]
         finals: list[Completion] = []
         async for index, event in run:
-            delta: dict[str, Any] = {"content": event.text}
-            if split:
-                thought, text = splitters[index].feed(event.text, final=event.done)
-                delta = {"content": text, **({"reasoning_content": thought} if thinking and thought else {})}
+            thought, text = splitters[index].feed(event.text, final=event.done)
+            if event.done and prompt is not None and prompt.padding is not None:
+                yield chunk([{"index": index, "delta": boxes(split_thought(event.completion.text)[1]),
+                              "finish_reason": None}])
+            delta: dict[str, Any] = {"content": text, **({"reasoning_content": thought} if keep and thought else {})}
             if any(delta.values()):
                 yield chunk([{"index": index, "delta": delta, "finish_reason": None}])
             if event.done:
@@ -314,16 +330,18 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": rt.model_id}
 
-    def answer(completions: list[Completion]) -> dict[str, Any]:
-        choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
+    def answer(completions: list[Completion]) -> dict[str, Any]:  # a thought trace is dropped, as in chat
+        choices = [{"index": i, "text": split_thought(c.text)[1], "finish_reason": c.finish_reason, "logprobs": None}
                    for i, c in enumerate(completions)]
         return {**head, "choices": choices, "usage": run.usage(completions)}
 
     async def chunks() -> AsyncIterator[dict[str, Any]]:
         finals: list[Completion] = []
+        splitters = [ThoughtSplitter() for _ in range(run.count)]
         async for index, event in run:
-            if event.text:
-                yield {**head, "choices": [{"index": index, "text": event.text, "finish_reason": None,
+            text = splitters[index].feed(event.text, final=event.done)[1]
+            if text:
+                yield {**head, "choices": [{"index": index, "text": text, "finish_reason": None,
                                             "logprobs": None}]}
             if event.done:
                 finals.append(event.completion)

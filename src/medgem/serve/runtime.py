@@ -73,7 +73,7 @@ class Runtime:
     def attach(self, pipe: Pipeline, embedder: SiglipEncoder | None = None) -> None:
         """Serve a loaded pipeline (and embedding encoder): start the engine."""
         self.thinking = model_thinks(pipe.config, self.settings.thinking)
-        self.backend = Backend(pipe, self.settings, self.thinking)
+        self.backend = Backend(pipe, self.settings)
         self.metrics.watch_engine(self.backend.metrics)
         self.embedder = embedder
         if embedder is not None:

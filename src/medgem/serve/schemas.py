@@ -2,7 +2,8 @@
 
 Unknown fields are accepted and ignored, as clients send extras (`user`, `store`, `metadata`), except
 the features this server does not have (`UNSUPPORTED`), which are refused by name rather than
-silently ignored. medgem additions: `reasoning` (see serve/reasoning.py), `window` on an
+silently ignored. medgem additions: `reasoning` (see serve/reasoning.py), `recipe` (with `series` and
+`max_slices`: MedGemma 1.5's input layouts, serve/inputs.py), `window` on an
 `image_url` (the DICOM display window: a CT preset, "C/W", "minmax" or "auto"), and `image_url`
 parts among the inputs of an embedding request (MedSigLIP embeds images and texts in one space).
 """
@@ -92,6 +93,10 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     reasoning: bool | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    # MedGemma 1.5's input recipes (processing/recipes.py; serve/inputs.py recipe_prompt)
+    recipe: Literal["ct", "mri", "longitudinal", "localize"] | None = None
+    series: str | None = None  # ct/mri: the SeriesInstanceUID to read when the upload holds several
+    max_slices: int | None = Field(None, ge=1)  # ct/mri: at most this many slices (default 85)
 
 
 class CompletionRequest(SamplingFields):
