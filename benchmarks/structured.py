@@ -55,7 +55,6 @@ def _ms(seconds: list[float]) -> float:
 def libraries(pipe) -> dict:
     """Setup, compile and per-token mask time of xgrammar and llguidance on the same token walk."""
     import llguidance
-    import xgrammar as xgr
 
     tok, vocab, stops = pipe.tokenizer, pipe.config.vocab_size, list(pipe.tokenizer.stop_ids)
     walk = tok.encode(DOCUMENT, add_bos=False)
@@ -91,6 +90,11 @@ def libraries(pipe) -> dict:
                          "mask_ms_max": round(1000 * max(masks), 3), "first_mask_ms": round(1000 * masks[0], 3),
                          "mask_to_logits_ms": _ms(apply)}
 
+    try:  # not a medgem dependency: `pip install --no-deps xgrammar apache-tvm-ffi` (it asks for
+        import xgrammar as xgr  # transformers and triton, which its CPU path does not use)
+    except ImportError:
+        out["xgrammar"] = "not installed"
+        return out
     encoded = [b"\xff" + b if special else b for b, special in tok.token_bytes()]
     t = time.perf_counter()
     info = xgr.TokenizerInfo(encoded, xgr.VocabType.RAW, vocab_size=vocab, stop_token_ids=stops)

@@ -49,13 +49,15 @@ def constraint_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(f"--json-schema: cannot read {path} ({type(exc).__name__})") from None
-        Constraint.json_schema(text)  # valid JSON, an object
+        Constraint.json_schema(text).check()
         return {"json_schema": text}
     if args.regex is not None:
-        return {"regex": Constraint.regex(args.regex).spec}
+        Constraint.regex(args.regex).check()
+        return {"regex": args.regex}
     if args.choice is not None:
         options = [c.strip() for c in args.choice.split(",") if c.strip()]
-        return {"choice": json.loads(Constraint.choice(options).spec)}
+        Constraint.choice(options).check()
+        return {"choice": options}
     return {}
 
 

@@ -102,6 +102,20 @@ class Constraint:
         return llguidance.grammar_from(fmt, self.spec)
 
 
+    def check(self) -> None:
+        """Raise InputError if the constraint is malformed (no tokenizer needed: the CLI checks its flags
+        before loading a model)."""
+        import llguidance
+
+        what = self.kind.replace("_", " ")
+        try:
+            error = llguidance.LLMatcher.validate_grammar(self.llguidance())
+        except ValueError as exc:
+            error = str(exc)
+        if error and not llguidance.LLMatcher.is_validate_warning(error):
+            raise InputError(f"the {what} is invalid: {_first_line(error)}")
+
+
 class Grammar:
     """A compiled constraint for one tokenizer: makes the per-request matchers."""
 

@@ -1,14 +1,18 @@
 """Tool calling for Gemma 3, which has no tool tokens: the prompt format, the grammar that constrains a
 call to the tools' JSON schemas, and the parser (whole answers and streamed text).
 
-The format (docs/tools.md says why this one): the tools' names, descriptions and argument schemas go
-into the system text; the model calls tools by answering with nothing but a JSON list,
+The format: the tools' names, descriptions and argument schemas go into the system text (folded into
+the first user turn); the model calls tools by answering with nothing but a JSON list,
 `[{"name": "fetch_resources", "arguments": {"resource_type": "Observation"}}]`; each result comes
-back in the next user turn as `<tool_response>{"name": ..., "content": ...}</tool_response>`, as in
-vLLM's pythonic Gemma 3 template. Against that template's Python call syntax, JSON keeps the
-arguments exactly as OpenAI carries them (a JSON object; Python's `True`/`None` never appear), and
-llguidance embeds each tool's schema in the call grammar as it is (`%json`), so a constrained call
-always parses and validates.
+back in the next user turn as `<tool_response>{"name": ..., "content": ...}</tool_response>`, the
+block vLLM's Gemma 3 template uses. Why JSON calls rather than that template's Python calls
+(`[get_x(code="4548-4")]`): OpenAI carries arguments as a JSON object, and the template writes the
+values with `tojson`, so `true`/`null` arrive inside Python syntax that vLLM's `ast` parser reads as
+names; JSON round-trips exactly. And llguidance embeds each tool's parameter schema in the call
+grammar unchanged (`%json`), so a constrained call always parses and validates; a Python-call grammar
+would have to re-derive keyword order and optional arguments from the schema. Google's EHR navigator
+likewise prompts MedGemma for JSON, not a template. With tool_choice "auto" the grammar allows plain
+text too (anything that does not start with `[`).
 """
 
 from __future__ import annotations
@@ -53,8 +57,8 @@ def tool_specs(tools: list[dict[str, Any]]) -> list[ToolSpec]:
 
 def system_text(specs: list[ToolSpec]) -> str:
     """The instructions and tool list that go into the system text."""
-    listing = json.dumps([{"name": s.name, "description": s.description, "parameters": s.parameters}
-                          for s in specs], indent=1)
+    listing = "\n".join(json.dumps({"name": s.name, "description": s.description, "parameters": s.parameters},
+                                   ensure_ascii=False) for s in specs)  # one tool per line: few prompt tokens
     return ("You can call these functions; each one's arguments follow its JSON Schema:\n" + listing + "\n\n"
             "To call functions, answer with nothing but a JSON list of calls, for example "
             '[{"name": "function_name", "arguments": {"argument": "value"}}]. The results come back in '
