@@ -147,6 +147,10 @@ class Matcher:
         out[:width] = torch.where(allowed[:width], logits[:width], out[:width])
         return out
 
+    def allows(self, token: int) -> bool:
+        """Whether the grammar accepts `token` next (without computing the whole mask)."""
+        return self._ll.validate_tokens([token]) == 1
+
     def accept(self, token: int) -> bool:
         """Advance past an emitted token; False when the grammar refuses it (never after `mask`)."""
         return bool(self._ll.consume_token(token))
@@ -209,11 +213,10 @@ class Grammars:
         matcher = llguidance.LLMatcher(self._lltok(), text, log_level=0)
         if matcher.is_error():
             raise InputError(f"the {what} is invalid: {_first_line(matcher.get_error())}")
-        if matcher.is_stopped() and not matcher.is_accepting():
-            raise InputError(f"the {what} matches no text")
-        probe = Matcher(matcher.deep_copy(), self.vocab_size)
-        if not bool(probe.allowed().any()):
-            raise InputError(f"the {what} can never be satisfied by this model's tokens")
+        text_tokens = Matcher(matcher.deep_copy(), self.vocab_size).allowed().clone()
+        text_tokens[list(self.stop_ids)] = False
+        if not text_tokens.any() and not matcher.is_accepting():  # only a stop token, yet nothing matched
+            raise InputError(f"the {what} can never be satisfied (it matches no text)")
         return matcher
 
 

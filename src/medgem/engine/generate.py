@@ -78,7 +78,16 @@ class _Seq:
             self.logprobs = []
 
     def choose(self, logits: torch.Tensor) -> int:
-        """The next token from the model's raw logits [V]: adjusted (engine/logits.py), then sampled."""
+        """The next token from the model's raw logits [V]: adjusted (engine/logits.py), then sampled.
+
+        Greedy under a grammar alone: when the model's own choice is allowed, it is also the argmax of
+        the masked logits, and checking one token costs far less than a 262k-token mask.
+        """
+        p = self.params
+        if self.matcher is not None and p.greedy and not (p.logit_bias or p.frequency_penalty or p.presence_penalty):
+            token = sample_next(logits, p, self.seen, None)
+            if self.matcher.allows(token):
+                return token
         if needs_adjusting(self.params, self.matcher):
             logits = adjust(logits, self.params, self.ids, self.matcher)
         return sample_next(logits, self.params, self.seen, self.generator)

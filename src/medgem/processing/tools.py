@@ -212,7 +212,9 @@ class CallStream:
                 self.index += 1
                 call = openai_call(json.loads(match.group(1)), "")
                 self.calls.append(call)
-                deltas.append({"tool_calls": [{"index": self.index, **call}]})
+                head = {"id": call["id"], "type": "function", "function": {"name": call["function"]["name"],
+                                                                            "arguments": ""}}
+                deltas.append({"tool_calls": [{"index": self.index, **head}]})  # a copy: `call` grows
                 self.pos = match.end()
                 self.depth, self.in_string, self.escaped = -1, False, False  # -1: the object has not opened
                 continue
