@@ -28,16 +28,13 @@ SCHEMA = {
     "additionalProperties": False,
 }
 FORMAT = {"type": "json_schema", "json_schema": {"name": "finding", "schema": SCHEMA, "strict": True}}
-FINDINGS = ["a right lower lobe opacity", "a small left pleural effusion", "a 6 mm nodule", "no acute findings",
-            "bilateral opacities", "cardiomegaly", "a rib fracture", "a pneumothorax", "hyperinflated lungs",
-            "a widened mediastinum"]
+FINDINGS = ["a right lower lobe opacity", "a small left pleural effusion", "a 6 mm nodule", "no acute findings"]
 TOOLS = [{"type": "function", "function": {
     "name": "get_observations", "description": "Lab results of the patient, by LOINC code.",
     "parameters": {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[0-9]{1,5}-[0-9]$"},
                                                     "limit": {"type": "integer", "minimum": 1, "maximum": 10}},
                    "required": ["code"], "additionalProperties": False}}},
-    {"type": "function", "function": {"name": "get_conditions", "description": "The patient's problem list.",
-                                      "parameters": {"type": "object", "properties": {}}}}]
+    {"type": "function", "function": {"name": "get_conditions", "description": "The patient's problem list."}}]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +54,8 @@ def _ask(client, finding: str, stream: bool) -> str:
 
 
 def test_json_schema_answers_validate_streamed_and_not(client):
-    jobs = [(f, stream) for f in FINDINGS for stream in (False, True)]  # 20 requests, 10 prompts x 2 ways
+    jobs = [(f, stream) for f in FINDINGS for stream in (False, True)]  # one batch of 8 (benchmarks/structured.py
+    # runs 20 prompts)
     with ThreadPoolExecutor(8) as pool:
         texts = list(pool.map(lambda job: _ask(client, *job), jobs))
     for text in texts:
@@ -86,7 +84,8 @@ def test_json_object_regex_and_choice(client):
 
 def test_required_tool_call_then_a_two_turn_loop(client):
     messages = [{"role": "user", "content": "What was the patient's last HbA1c (LOINC 4548-4)?"}]
-    reply = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, tool_choice="required",
+    one = dict(tools=TOOLS, parallel_tool_calls=False)  # a base model would list calls without end
+    reply = client.chat.completions.create(model=MODEL, messages=messages, tool_choice="required", **one,
                                            max_tokens=48, temperature=0)
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
@@ -95,14 +94,14 @@ def test_required_tool_call_then_a_two_turn_loop(client):
     spec = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == call.function.name)
     jsonschema.validate(json.loads(call.function.arguments), spec)
 
-    streamed = list(client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=48,
+    streamed = list(client.chat.completions.create(model=MODEL, messages=messages, **one, max_tokens=48,
                                                    tool_choice="required", temperature=0, stream=True))
     deltas = [d for c in streamed if c.choices for d in (c.choices[0].delta.tool_calls or [])]
     assert deltas[0].id.startswith("call_") and deltas[0].function.name == call.function.name
     assert "".join(d.function.arguments or "" for d in deltas if d.index == 0) == call.function.arguments
     assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] == "tool_calls"
 
-    named = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=48,
+    named = client.chat.completions.create(model=MODEL, messages=messages, **one, max_tokens=48,
                                            tool_choice={"type": "function", "function": {"name": "get_conditions"}},
                                            temperature=0)
     assert named.choices[0].message.tool_calls[0].function.name == "get_conditions"
@@ -152,9 +151,11 @@ def test_tokenize_detokenize_bias_and_penalties(text_server, real_pipe):
     body = {"model": MODEL, "prompt": "The heart has four", "max_tokens": 2, "temperature": 0}
     assert http.post("/v1/completions", json={**body, "logit_bias": {str(banana): 100}}).json()[
         "choices"][0]["text"] == " banana banana"
-    penalised = http.post("/v1/completions", json={**body, "max_tokens": 12, "frequency_penalty": 2.0}).json()
-    assert penalised["choices"][0]["text"] != http.post("/v1/completions", json={**body, "max_tokens": 12}).json()[
-        "choices"][0]["text"]
+    plain = real_pipe.generate(body["prompt"], raw=True, max_new_tokens=6)
+    for penalty in ("frequency_penalty", "presence_penalty"):  # the values reach the engine (the math: tests/engine)
+        expected = real_pipe.generate(body["prompt"], raw=True, max_new_tokens=6, **{penalty: -2.0})
+        got = http.post("/v1/completions", json={**body, "max_tokens": 6, penalty: -2.0}).json()["choices"][0]["text"]
+        assert got == expected != plain
 
 
 @pytest.mark.parametrize("extra, param, says", [

@@ -48,7 +48,7 @@ def tool_specs(tools: list[dict[str, Any]]) -> list[ToolSpec]:
         if name in seen:
             raise InputError(f"tools[{i}]: the function name {name!r} is used twice")
         seen.add(name)
-        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        params = fn.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
         if not isinstance(params, dict) or params.get("type", "object") != "object":
             raise InputError(f"tools[{i}] ({name}): parameters must be a JSON Schema of type object")
         specs.append(ToolSpec(name, fn.get("description") or "", params))
