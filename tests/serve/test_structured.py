@@ -151,10 +151,10 @@ def test_tokenize_detokenize_bias_and_penalties(text_server, real_pipe):
     body = {"model": MODEL, "prompt": "The heart has four", "max_tokens": 2, "temperature": 0}
     assert http.post("/v1/completions", json={**body, "logit_bias": {str(banana): 100}}).json()[
         "choices"][0]["text"] == " banana banana"
-    plain = real_pipe.generate(body["prompt"], raw=True, max_new_tokens=6)
+    plain = real_pipe.generate(body["prompt"], raw=True, max_new_tokens=8)
     for penalty in ("frequency_penalty", "presence_penalty"):  # the values reach the engine (the math: tests/engine)
-        expected = real_pipe.generate(body["prompt"], raw=True, max_new_tokens=6, **{penalty: -2.0})
-        got = http.post("/v1/completions", json={**body, "max_tokens": 6, penalty: -2.0}).json()["choices"][0]["text"]
+        expected = real_pipe.generate(body["prompt"], raw=True, max_new_tokens=8, **{penalty: -2.0})
+        got = http.post("/v1/completions", json={**body, "max_tokens": 8, penalty: -2.0}).json()["choices"][0]["text"]
         assert got == expected != plain
 
 
