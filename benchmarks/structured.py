@@ -17,6 +17,7 @@ import argparse
 import json
 import statistics
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import medgem  # (before torch: the engine's OpenMP and huge-page defaults)
@@ -84,7 +85,7 @@ def libraries(pipe) -> dict:
         t = time.perf_counter()
         matcher.mask(logits)
         apply.append(time.perf_counter() - t)
-    out["llguidance"] = {"version": llguidance.__version__ if hasattr(llguidance, "__version__") else "?",
+    out["llguidance"] = {"version": version("llguidance"),
                          "tokenizer_setup_s": round(ll_setup, 3), "compile_ms": round(1000 * ll_compile, 2),
                          "cached_copy_ms": round(1000 * ll_copy, 3), "mask_ms_median": _ms(masks),
                          "mask_ms_max": round(1000 * max(masks), 3), "first_mask_ms": round(1000 * masks[0], 3),
@@ -116,7 +117,7 @@ def libraries(pipe) -> dict:
         bits = np.unpackbits(bitmask[0].numpy().view(np.uint8), bitorder="little")
         assert bits[token], f"xgrammar refused token {token} of the valid document"
         assert xm.accept_token(token)
-    out["xgrammar"] = {"version": xgr.__version__, "tokenizer_setup_s": round(xg_setup, 3),
+    out["xgrammar"] = {"version": version("xgrammar"), "tokenizer_setup_s": round(xg_setup, 3),
                        "compile_ms": round(1000 * xg_compile, 2), "cached_compile_ms": round(1000 * xg_cached, 3),
                        "mask_ms_median": _ms(xmasks), "mask_ms_max": round(1000 * max(xmasks), 3),
                        "first_mask_ms": round(1000 * xmasks[0], 3)}

@@ -135,17 +135,23 @@ class Matcher:
 
     def allowed(self) -> torch.Tensor:
         """bool [vocab_size]: the tokens the grammar accepts next (stop tokens once it may end)."""
+        return torch.from_numpy(self._allowed())
+
+    def _allowed(self) -> np.ndarray:
         self._ll.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
-        bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: self.vocab_size]
-        return torch.from_numpy(bits.view(np.bool_))
+        return np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: self.vocab_size].view(np.bool_)
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [V] with every token the grammar refuses at -inf (V may exceed the tokenizer's pieces)."""
-        allowed = self.allowed()
-        out = torch.full_like(logits, float("-inf"))
-        width = min(logits.shape[-1], self.vocab_size)
-        out[:width] = torch.where(allowed[:width], logits[:width], out[:width])
-        return out
+        """fp32 logits [V] with every token the grammar refuses at -inf (V may exceed the tokenizer's pieces).
+
+        In numpy, on one thread: torch's 262k-element fill and select each took 15 ms on a busy 2-core
+        host (OpenMP teams waiting for cores), numpy's 0.3 ms.
+        """
+        allowed, source = self._allowed(), logits.detach().float().cpu().numpy()
+        out = np.full(source.shape, -np.inf, dtype=np.float32)
+        width = min(source.shape[-1], self.vocab_size)
+        np.copyto(out[:width], source[:width], where=allowed[:width])
+        return torch.from_numpy(out)
 
     def allows(self, token: int) -> bool:
         """Whether the grammar accepts `token` next (without computing the whole mask)."""
