@@ -109,11 +109,11 @@ class Constraint:
 
         what = self.kind.replace("_", " ")
         try:
-            error = llguidance.LLMatcher.validate_grammar(self.llguidance())
+            failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(self.llguidance())
         except ValueError as exc:
-            error = str(exc)
-        if error and not llguidance.LLMatcher.is_validate_warning(error):
-            raise InputError(f"the {what} is invalid: {_first_line(error)}")
+            failed, messages = True, [str(exc)]
+        if failed:
+            raise InputError(f"the {what} is invalid: {_first_line(messages[0] if messages else '')}")
 
 
 class Grammar:
@@ -248,5 +248,6 @@ def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int, stop_ids: tuple[int, ...
 
 
 def _first_line(message: object) -> str:
-    text = str(message).strip().splitlines()
-    return text[0][:300] if text else "unknown error"
+    """The library's message on one line (its regex errors draw the position over several)."""
+    text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    return text[:300] or "unknown error"
