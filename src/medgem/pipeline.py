@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from medgem.config import TextConfig, is_multimodal_hf_config
+from medgem.engine.constraints import Constraint, Grammar, Grammars
 from medgem.engine.generate import Completion, Generator, StreamEvent
 from medgem.engine.quant import QUANT_MODES, load_quantized_text_model, quantize_text_model
 from medgem.engine.sampling import SamplingParams
@@ -95,6 +96,7 @@ class Pipeline:
                                 tokenizer.pad_id)
         self.draft: Callable[[], Drafter | PromptLookup] | None = None  # makes the drafter: use_draft/use_prompt_lookup
         self._speculative: Any = None  # the Scheduler that runs text prompts with the drafter
+        self._grammars: Grammars | None = None
 
     def compile(self) -> None:
         """Generate through `torch.compile` (engine/compiled.py), for `generate`, `stream`, `complete` and
@@ -228,9 +230,32 @@ class Pipeline:
         boxes = answer_boxes(completion.text, prompt.padding) if prompt.padding is not None else None
         return RecipeResult(completion.text, completion.reasoning, boxes, prompt, completion)
 
-    @staticmethod
-    def sampling(**kwargs: Any) -> SamplingParams:
+    # -- structured outputs ---------------------------------------------------------------------------
+    @property
+    def grammars(self) -> Grammars:
+        """This tokenizer's grammar compiler and cache (engine/constraints.py), built at first use."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.config.vocab_size, self.tokenizer.stop_ids)
+        return self._grammars
+
+    def constraint(self, *, json_schema: dict[str, Any] | str | None = None, regex: str | None = None,
+                   choice: list[str] | None = None, grammar: str | None = None) -> Grammar | None:
+        """The compiled output constraint (at most one of them), or None; InputError when it is invalid.
+
+        json_schema: a JSON Schema (dict or JSON text); regex: the whole output matches it; choice: the
+        output is exactly one of the strings; grammar: a Lark or GBNF grammar (llguidance's syntax).
+        """
+        spec = Constraint.from_options(json_schema=json_schema, regex=regex, choice=choice, grammar=grammar)
+        return None if spec is None else self.grammars.compile(spec)
+
+    def sampling(self, **kwargs: Any) -> SamplingParams:
+        """SamplingParams from generate()'s keyword arguments (an output constraint compiled here)."""
         stop = kwargs.pop("stop", None) or ()
+        constrain = {k: kwargs.pop(k) for k in ("json_schema", "regex", "choice", "grammar") if k in kwargs}
+        if "constraint" not in kwargs:
+            kwargs["constraint"] = self.constraint(**constrain)
+        elif constrain:
+            raise InputError("give either constraint= or json_schema/regex/choice/grammar, not both")
         return SamplingParams(stop=tuple([stop] if isinstance(stop, str) else stop), **kwargs)
 
     # -- generation -----------------------------------------------------------------------------------
@@ -253,6 +278,9 @@ class Pipeline:
         return completions
 
     def generate(self, prompt: Prompt, **kwargs: Any) -> str:
+        """The completion's text. kwargs: SamplingParams fields (max_new_tokens, temperature, top_p, seed,
+        stop, logit_bias, ...), `raw`, `system`, and one output constraint: `json_schema=`, `regex=`,
+        `choice=` or `grammar=` (see `constraint`)."""
         return self.complete([prompt], **kwargs)[0].text
 
     def generate_batch(self, prompts: list[Prompt], **kwargs: Any) -> list[str]:

@@ -83,10 +83,25 @@ def test_base_models_are_told_from_what_they_say(name, metadata, base):
         (["generate", "hi", "--temperature", "-1"], ["temperature"]),
         (["generate", "hi", "--model", "/no/such/model"], ["model not found", "/no/such/model"]),
         (["chat", "  "], ["question is empty"]),
+        (["generate", "hi", "--regex", "(unclosed"], ["regex is invalid"]),
+        (["generate", "hi", "--json-schema", "/no/such/schema.json"], ["--json-schema", "cannot read"]),
+        (["generate", "hi", "--choice", " , "], ["choice needs"]),
     ],
 )
 def test_bad_arguments(args, needles):
     assert_clean_error(medgem(*args), *needles)
+
+
+def test_generate_constrained_to_a_json_schema(tmp_path):
+    schema = {"type": "object", "properties": {"finding": {"enum": ["opacity", "normal"]},
+                                               "size_mm": {"type": "integer", "minimum": 1, "maximum": 99}},
+              "required": ["finding", "size_mm"], "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    proc = medgem("generate", "--raw", "Chest CT: 6 mm nodule. As JSON:", "--json-schema", str(tmp_path / "schema.json"),
+                  "--max-new-tokens", "32", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(json.loads(proc.stdout)["text"])
+    assert set(out) == {"finding", "size_mm"} and out["finding"] in ("opacity", "normal") and 1 <= out["size_mm"] <= 99
 
 
 def test_prompt_over_context():

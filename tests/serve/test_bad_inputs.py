@@ -105,8 +105,9 @@ def test_refusals_by_the_server(http):
     expect(http.post("/v1/chat/completions", json=chat(model="gpt-4o")), 404, "model not found", "model")
     expect(http.post("/v1/chat/completions", json=chat(max_tokens=100_000)), 400, "at most 64", "max_tokens")
     expect(http.post("/v1/chat/completions", json=chat(n=50)), 400, "at most 4 choices", "n")
-    expect(http.post("/v1/chat/completions", json=chat(tools=[{"type": "function"}])), 400, "tools is not supported")
-    expect(http.post("/v1/chat/completions", json=chat(logprobs=True)), 400, "logprobs is not supported")
+    expect(http.post("/v1/chat/completions", json=chat(functions=[{"name": "f"}])), 400, "functions is not supported")
+    expect(http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "best_of": 2}), 400,
+           "best_of is not supported")
     expect(http.get("/v1/nothing-here"), 404, "no such endpoint")
     expect(http.get("/v1/chat/completions"), 405, "method not allowed")
 

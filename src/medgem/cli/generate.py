@@ -26,6 +26,12 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same text)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON object: text, ids, timings, tok/s")
+    shape = parser.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE", default=None,
+                       help="constrain the output to JSON that validates against this JSON Schema file")
+    shape.add_argument("--regex", default=None, help="constrain the output to match this regular expression")
+    shape.add_argument("--choice", default=None, metavar="A,B,C",
+                       help="constrain the output to exactly one of these comma-separated strings")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -33,6 +39,28 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
     )
+
+
+def constraint_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """--json-schema / --regex / --choice as the pipeline's constraint keyword (checked before loading)."""
+    from medgem.engine.constraints import Constraint
+
+    if args.json_schema:
+        path = Path(args.json_schema)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"--json-schema: cannot read {path} ({type(exc).__name__})") from None
+        Constraint.json_schema(text).check()
+        return {"json_schema": text}
+    if args.regex is not None:
+        Constraint.regex(args.regex).check()
+        return {"regex": args.regex}
+    if args.choice is not None:
+        options = [c.strip() for c in args.choice.split(",") if c.strip()]
+        Constraint.choice(options).check()
+        return {"choice": options}
+    return {}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -82,12 +110,13 @@ def _report(pipe, completion, as_json: bool, extra: dict[str, Any] | None = None
 
 def _stream(pipe, prompt, args, raw: bool) -> str:
     """Print the answer as it is generated (or as JSON at the end); return its text."""
+    kwargs = {**sampling_kwargs(args), **constraint_kwargs(args)}
     if args.json:
         with progress.step("generating"):
-            completion = pipe.complete([prompt], raw=raw, system=args.system, **sampling_kwargs(args))[0]
+            completion = pipe.complete([prompt], raw=raw, system=args.system, **kwargs)[0]
         _report(pipe, completion, True)
         return completion.text
-    for piece in pipe.stream(prompt, raw=raw, system=args.system, **sampling_kwargs(args)):
+    for piece in pipe.stream(prompt, raw=raw, system=args.system, **kwargs):
         sys.stdout.write(piece)
         sys.stdout.flush()
     _report(pipe, pipe.last_completion, False)
@@ -134,6 +163,7 @@ def validate_sampling(args: argparse.Namespace) -> None:
     from medgem.engine.sampling import SamplingParams
 
     SamplingParams(**sampling_kwargs(args))
+    constraint_kwargs(args)
 
 
 def run_chat(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ token per sequence per step, with `last_only` logits so the 262k-wide LM head ru
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,8 +17,12 @@ import torch
 
 from medgem.config import TextConfig
 from medgem.engine.cache import KVCache
+from medgem.engine.constraints import Matcher
+from medgem.engine.logits import TokenLogprob, adjust, needs_adjusting, token_logprob
 from medgem.engine.sampling import SamplingParams, sample_next
 from medgem.errors import ContextLengthError, InputError
+
+log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 512
 
@@ -33,6 +38,8 @@ class Completion:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     reasoning: str = ""  # a thought trace the pipeline split off the text (processing/thinking.py)
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when asked for
+    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token after the first (scheduler)
 
     @property
     def completion_tokens(self) -> int:
@@ -62,6 +69,51 @@ class _Seq:
     done: bool = False
     finish_reason: str = "length"
     text: str = ""
+    matcher: Matcher | None = None  # the grammar state of a constrained request
+    logprobs: list[TokenLogprob] | None = None
+
+    def __post_init__(self) -> None:
+        if self.params.constraint is not None:
+            self.matcher = self.params.constraint.matcher()
+        if self.params.logprobs is not None:
+            self.logprobs = []
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """The next token from the model's raw logits [V]: adjusted (engine/logits.py), then sampled.
+
+        Greedy under a grammar alone: when the model's own choice is allowed, it is also the argmax of
+        the masked logits, and checking one token costs far less than a 262k-token mask.
+        """
+        p = self.params
+        if self.matcher is not None and p.greedy and not (p.logit_bias or p.frequency_penalty or p.presence_penalty):
+            token = sample_next(logits, p, self.seen, None)
+            if self.matcher.allows(token):
+                return token
+        if needs_adjusting(self.params, self.matcher):
+            logits = adjust(logits, self.params, self.ids, self.matcher)
+        return sample_next(logits, self.params, self.seen, self.generator)
+
+    def adjusted(self, logits: torch.Tensor, drafts: list[int]) -> torch.Tensor:
+        """Adjusted logits [k + 1, V] for verifying drafts: row j as if drafts[:j] were emitted.
+
+        The grammar walks the drafts and is rolled back after; past the first draft it refuses, rows
+        keep the raw logits, which the verifier never reaches (that draft is rejected: its logit is -inf).
+        """
+        if not needs_adjusting(self.params, self.matcher):
+            return logits
+        out, generated, walked = logits.clone(), list(self.ids), 0
+        for j in range(len(drafts) + 1):
+            out[j] = adjust(logits[j], self.params, generated, self.matcher)
+            if j == len(drafts) or out[j, drafts[j]] == float("-inf"):
+                break
+            if self.matcher is not None:
+                if not self.matcher.accept(drafts[j]):
+                    break
+                walked += 1
+            generated.append(drafts[j])
+        if self.matcher is not None:
+            self.matcher.rollback(walked)
+        return out
 
 
 def _stop_cut(text: str, stops: tuple[str, ...]) -> int | None:
@@ -174,9 +226,9 @@ class Generator:
                     if seq.done:
                         tokens.append(self.pad_id)
                         continue
-                    tok = sample_next(logits[row, -1], seq.params, seq.seen, seq.generator)
+                    tok = seq.choose(logits[row, -1])
                     tokens.append(tok)
-                    event = self._advance(row, seq, tok)
+                    event = self._advance(row, seq, tok, logits[row, -1])
                     if event is not None:
                         if event.done:
                             event.completion = self._completion(seq, prefill_s, time.perf_counter() - t1)
@@ -195,16 +247,27 @@ class Generator:
                 final = seq.text[seq.emitted:]
                 yield StreamEvent(row, final, True, self._completion(seq, prefill_s, decode_s))
 
-    def _advance(self, row: int, seq: _Seq, tok: int) -> StreamEvent | None:
-        """Record a sampled token; return the text to stream (and whether the sequence ended)."""
+    def _advance(self, row: int, seq: _Seq, tok: int, logits: torch.Tensor | None = None) -> StreamEvent | None:
+        """Record a sampled token (`logits`: the raw ones it came from, for logprobs); return the text to
+        stream (and whether the sequence ended)."""
         if tok in self.stop_ids and not seq.params.ignore_eos:
             seq.done, seq.finish_reason = True, "stop"
             seq.text = self.decode(seq.ids)
             return StreamEvent(row, seq.text[seq.emitted:], True)
         seq.ids.append(tok)
         seq.seen = torch.cat((seq.seen, torch.tensor([tok])))
+        if seq.logprobs is not None and logits is not None:
+            seq.logprobs.append(token_logprob(logits, tok, seq.params.logprobs))
+        ended = False
+        if seq.matcher is not None:
+            if not seq.matcher.accept(tok):  # a bug: the mask let it through
+                log.error("the grammar refused an emitted token (%s); ending the request", seq.matcher.error)
+            ended = seq.matcher.stopped or bool(seq.matcher.error)
         text = self.decode(seq.ids)
         cut = _stop_cut(text, seq.params.stop)
+        if ended and cut is None:  # the grammar is complete: nothing but a stop token may follow
+            seq.done, seq.finish_reason, seq.text = True, "stop", text
+            return StreamEvent(row, text[seq.emitted:], True)
         if cut is not None:
             seq.done, seq.finish_reason, seq.text = True, "stop", text[:cut]
             return StreamEvent(row, seq.text[seq.emitted:], True)
@@ -220,7 +283,8 @@ class Generator:
 
     @staticmethod
     def _completion(seq: _Seq, prefill_s: float, decode_s: float) -> Completion:
-        return Completion(seq.text, list(seq.ids), seq.prompt_len, seq.finish_reason, prefill_s, decode_s)
+        return Completion(seq.text, list(seq.ids), seq.prompt_len, seq.finish_reason, prefill_s, decode_s,
+                          seq.logprobs)
 
     def run(self, prompts: list[list[int]], params: list[SamplingParams], extra: dict | None = None) -> list[Completion]:
         results: list[Completion | None] = [None] * len(prompts)

@@ -7,10 +7,16 @@ whatever else shares the batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from medgem.errors import InputError
+
+if TYPE_CHECKING:
+    from medgem.engine.constraints import Grammar
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 
 
 @dataclass
@@ -24,6 +30,12 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
+    # Per-request logit adjustments and outputs (engine/logits.py, engine/constraints.py):
+    frequency_penalty: float = 0.0  # OpenAI's: minus penalty x count of the token in the generated text
+    presence_penalty: float = 0.0  # minus penalty once the token appears in the generated text
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    logprobs: int | None = None  # None: none; n >= 0: each token's logprob and the n most likely
+    constraint: Grammar | None = None  # a compiled grammar the output must match
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -36,6 +48,11 @@ class SamplingParams:
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (all(-100 <= b <= 100 for b in self.logit_bias.values()), "logit_bias values must be in [-100, 100]"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
+             f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
         ]
         for ok, message in checks:
             if not ok:

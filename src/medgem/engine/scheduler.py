@@ -52,8 +52,9 @@ from typing import Any
 import torch
 
 from medgem.engine.generate import Completion, Generator, _Seq
+from medgem.engine.logits import TokenLogprob, token_logprob
 from medgem.engine.prefix_cache import PrefixCache, block_keys
-from medgem.engine.sampling import SamplingParams, sample_next
+from medgem.engine.sampling import SamplingParams
 from medgem.engine.slots import SlotModel
 from medgem.engine.speculative import Drafter, accept
 from medgem.errors import CapabilityError, ContextLengthError, InputError, MedgemError
@@ -82,6 +83,7 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     pixel_values: torch.Tensor | None = None  # the prompt's images, in order, for a multimodal model
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    prompt_logprobs: int | None = None  # n: each prompt token's logprob (after the first) and the top n
 
 
 @dataclass
@@ -94,6 +96,7 @@ class Event:
     done: bool = False
     completion: Completion | None = None  # on the last event; finish_reason "stop", "length" or "cancelled"
     error: MedgemError | None = None  # set on a last event when the request failed
+    logprobs: list[TokenLogprob] | None = None  # of token_ids, when the request asked for them
 
 
 @dataclass
@@ -110,6 +113,8 @@ class _Row:
     cursor: int = 0  # prompt tokens in the cache
     skipped: int = 0
     first_token: float | None = None
+    logprobs_sent: int = 0  # of seq.logprobs, already in events
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asks for them
 
     @property
     def decoding(self) -> bool:
@@ -337,7 +342,7 @@ class Scheduler:
         params = replace(request.params, max_new_tokens=min(request.params.max_new_tokens, self.max_len - n))
         row = _Row(request, slot, _Seq(params, n, _new_generator(params), ids), inputs, groups, [],
                    time.perf_counter())
-        if self.prefix:
+        if self.prefix and request.prompt_logprobs is None:  # prompt logprobs need every prompt position run
             block = self.prefix.block
             row.keys = block_keys(request.prompt, groups, request.pixel_values, block)
             usable = (n - 1) // block  # the last prompt token is always computed: its logits are needed
@@ -385,8 +390,11 @@ class Scheduler:
             groups[i, width - n:] = row.groups[start:end]
             inputs[i, width - n:] = row.inputs[start:end]
         embedded = first.dim() == 2
+        scored = [(row, start, end) for row, start, end in plan if row.request.prompt_logprobs is not None]
         hidden = self.target.hidden(slice(lo, hi), positions, ids=None if embedded else inputs,
-                                    embeds=inputs if embedded else None, groups=groups, last_only=True)
+                                    embeds=inputs if embedded else None, groups=groups, last_only=not scored)
+        for row, start, end in scored:
+            self._score_prompt(row, hidden[row.slot - lo, width - (end - start):], start, end)
         for row, start, end in plan:
             row.cursor = end
             if self.prefix:
@@ -400,7 +408,16 @@ class Scheduler:
             logits = self.target.logits(hidden[[row.slot - lo for row in done], -1])
             for row, row_logits in zip(done, logits):
                 row.first_token = time.perf_counter()
-                self._emit(row, [sample_next(row_logits, row.seq.params, row.seq.seen, row.seq.generator)], events)
+                self._emit(row, [row.seq.choose(row_logits)], events, row_logits[None])
+
+    def _score_prompt(self, row: _Row, hidden: torch.Tensor, start: int, end: int) -> None:
+        """Logprobs of prompt tokens start+1..end (the ones these positions predict), a few rows at a time:
+        a 262k-wide row of fp32 logits is 1 MB."""
+        prompt, top = row.request.prompt, row.request.prompt_logprobs
+        for a in range(start, min(end, len(prompt) - 1), 32):
+            b = min(a + 32, end, len(prompt) - 1)
+            logits = self.target.logits(hidden[a - start:b - start])
+            row.prompt_logprobs += [token_logprob(lg, prompt[p + 1], top) for p, lg in zip(range(a, b), logits)]
 
     def _decode(self, rows: list[_Row], events: list[Event]) -> None:
         """One token for every decoding row, in one forward over slots 0..hi (idle slots are padding)."""
@@ -413,7 +430,7 @@ class Scheduler:
         hidden = self.target.hidden(slice(0, hi), positions, ids=ids)
         logits = self.target.logits(hidden[[r.slot for r in rows], -1])
         for r, row_logits in zip(rows, logits):
-            self._emit(r, [sample_next(row_logits, r.seq.params, r.seq.seen, r.seq.generator)], events)
+            self._emit(r, [r.seq.choose(row_logits)], events, row_logits[None])
 
     def _speculate(self, rows: list[_Row], events: list[Event]) -> None:
         """Draft up to k tokens per row, verify all rows' [newest, drafts] in one target forward (shorter
@@ -431,17 +448,18 @@ class Scheduler:
         hidden = self.target.hidden(slice(0, hi), positions, ids=ids)
         logits = self.target.logits(hidden[[r.slot for r in rows]])
         for r, row_logits, d, q in zip(rows, logits, drafts, probs):
-            out = accept(row_logits, d, q, r.seq.params, r.seq.seen, r.seq.generator)
+            out = accept(r.seq.adjusted(row_logits, d), d, q, r.seq.params, r.seq.seen, r.seq.generator)
             kept = lengths[r.slot] + len(out)  # the newest token and the accepted drafts are now fed
             self.target.cache.truncate(r.slot, kept)
             draft.rollback(r.slot, kept, len(out) - 1)
-            self._emit(r, out, events)
+            self._emit(r, out, events, row_logits)
 
-    def _emit(self, row: _Row, tokens: list[int], events: list[Event]) -> None:
-        """Record sampled tokens (stop handling and text as in the Generator) and report what changed."""
+    def _emit(self, row: _Row, tokens: list[int], events: list[Event], logits: torch.Tensor) -> None:
+        """Record sampled tokens (stop handling and text as in the Generator) and report what changed.
+        logits: the raw logits each token was chosen from [>= len(tokens), V]."""
         seq, before, text = row.seq, len(row.seq.ids), []
-        for tok in tokens:
-            event = self.generator._advance(0, seq, tok)
+        for tok, tok_logits in zip(tokens, logits):
+            event = self.generator._advance(0, seq, tok, tok_logits)
             if event is not None:
                 text.append(event.text)
             if seq.done:
@@ -452,18 +470,28 @@ class Scheduler:
             self.counters["requests_finished"] += 1
             self._finish(row, seq.finish_reason, events, "".join(text), new)
         elif text:
-            events.append(Event(row.request.request_id, "".join(text), new))
+            events.append(Event(row.request.request_id, "".join(text), new, logprobs=self._unsent_logprobs(row)))
+
+    @staticmethod
+    def _unsent_logprobs(row: _Row) -> list[TokenLogprob] | None:
+        """Logprobs of the tokens since the last event (their text may have been held back)."""
+        if row.seq.logprobs is None:
+            return None
+        sent, row.logprobs_sent = row.logprobs_sent, len(row.seq.logprobs)
+        return row.seq.logprobs[sent:]
 
     def _finish(self, row: _Row, reason: str, events: list[Event], text: str = "", new: list[int] | None = None) -> None:
         seq, now = row.seq, time.perf_counter()
         first = row.first_token or now
-        completion = Completion(seq.text, list(seq.ids), seq.prompt_len, reason, first - row.started, now - first)
+        completion = Completion(seq.text, list(seq.ids), seq.prompt_len, reason, first - row.started, now - first,
+                                seq.logprobs, row.prompt_logprobs if row.request.prompt_logprobs is not None else None)
         self._free(row.slot)
-        events.append(self._final(row.request.request_id, completion, text, new or []))
+        events.append(self._final(row.request.request_id, completion, text, new or [], self._unsent_logprobs(row)))
 
     @staticmethod
-    def _final(request_id: str, completion: Completion, text: str = "", new: list[int] | None = None) -> Event:
-        return Event(request_id, text, new or [], True, completion)
+    def _final(request_id: str, completion: Completion, text: str = "", new: list[int] | None = None,
+               logprobs: list[TokenLogprob] | None = None) -> Event:
+        return Event(request_id, text, new or [], True, completion, logprobs=logprobs)
 
     def _free(self, slot: int) -> None:
         del self._rows[slot]

@@ -25,6 +25,7 @@ IMAGE_SOFT_TOKEN_ID = 262_144  # multimodal Gemma 3 appends it after the 262,144
 
 # GGUF token types (llama.cpp): 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def _bpe_merges(tokens: list[str]) -> list[tuple[str, str]]:
@@ -153,6 +154,12 @@ class _SentencePieceBackend:
     def get_vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
+    def pieces(self) -> list[tuple[str, bool]]:
+        """(piece, special) per id: control, unknown and unused pieces are special."""
+        sp = self.sp
+        return [(sp.id_to_piece(i), sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i))
+                for i in range(sp.get_piece_size())]
+
 
 class _TokenizersBackend:
     def __init__(self, tok):
@@ -169,6 +176,10 @@ class _TokenizersBackend:
 
     def get_vocab_size(self) -> int:
         return self.tok.get_vocab_size()
+
+    def pieces(self) -> list[tuple[str, bool]]:
+        special = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+        return [(self.tok.id_to_token(i) or "", i in special) for i in range(self.tok.get_vocab_size())]
 
 
 class Tokenizer:
@@ -259,6 +270,22 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
+
+    def token_bytes(self) -> list[tuple[bytes, bool]]:
+        """(UTF-8 bytes the token decodes to, special) per id, for grammar engines that match bytes.
+
+        Gemma's pieces spell a space as U+2581 and a byte-fallback piece as `<0xAB>`. A special piece
+        (control, unknown, unused) keeps its name: it never decodes to text.
+        """
+        out = []
+        for piece, special in self._backend.pieces():
+            if special:
+                out.append((piece.encode(), True))
+            elif _BYTE_PIECE.fullmatch(piece):
+                out.append((bytes([int(piece[3:5], 16)]), False))
+            else:
+                out.append((piece.replace("\u2581", " ").encode(), False))
+        return out
 
     # -- chat format --------------------------------------------------------------------------------
     def apply_chat_template(

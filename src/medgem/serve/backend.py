@@ -50,8 +50,9 @@ class Backend:
         self.engine.close()
 
     def submit(self, prompts: list[tuple[list[int], torch.Tensor | None]], params: SamplingParams,
-               n: int = 1) -> AsyncIterator[tuple[int, Event]]:
+               n: int = 1, prompt_logprobs: int | None = None) -> AsyncIterator[tuple[int, Event]]:
         """Queue n choices of each (token ids, pixel values) prompt, all or none; raises at once.
+        prompt_logprobs: also score the prompt's tokens, with this many top alternatives (echo).
 
         Choice j of prompt i is index i * n + j, sampled with seed + j when a seed is given. The
         returned iterator yields (index, event); closing it, or cancelling its task, cancels every
@@ -62,7 +63,8 @@ class Backend:
             for ids, pixel_values in prompts:
                 for j in range(n):
                     seed = None if params.seed is None else params.seed + j
-                    request = Request(ids, replace(params, seed=seed), pixel_values=pixel_values)
+                    request = Request(ids, replace(params, seed=seed), pixel_values=pixel_values,
+                                      prompt_logprobs=prompt_logprobs)
                     streams.append(self.engine.submit(request))
         except QueueFullError:
             for stream in streams:

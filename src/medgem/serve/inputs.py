@@ -128,14 +128,21 @@ def chat_messages(messages: list[ChatMessage], limits: Limits) -> tuple[list[dic
                            param=where, code="invalid_image")
         decoded[id(part)] = decode_image(data, media, part.image_url.window, limits, where).image
     system, out = _system_text(messages), []
-    for msg in messages:
+    for i, msg in enumerate(messages):
         if msg.role in ("system", "developer"):
             continue
         content: Any = msg.content
+        if content is None and not (msg.role == "assistant" and msg.tool_calls):
+            raise APIError(400, f"messages[{i}]: content is missing", param=f"messages[{i}]", code="invalid_message")
         if isinstance(content, list):
             content = [{"type": "text", "text": p.text} if not isinstance(p, ImagePart)
                        else {"type": "image", "image": decoded[id(p)]} for p in content]
-        out.append({"role": msg.role, "content": content})
+        entry: dict[str, Any] = {"role": msg.role, "content": content}
+        if msg.tool_calls:  # tool traffic: processing/tools.py renders it
+            entry["tool_calls"] = [c.model_dump() for c in msg.tool_calls]
+        if msg.role == "tool":
+            entry["tool_call_id"] = msg.tool_call_id
+        out.append(entry)
     if not out:
         raise APIError(400, "messages holds no user message", param="messages", code="invalid_message")
     return out, system

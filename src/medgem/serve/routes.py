@@ -1,5 +1,6 @@
-"""The endpoints: OpenAI's chat completions, completions, embeddings and models; the image preview
-the web page uses; health, readiness and metrics.
+"""The endpoints: OpenAI's chat completions (with tools, structured outputs and logprobs), completions
+(with echo), embeddings and models; vLLM's tokenize and detokenize; the image preview the web page
+uses; health, readiness and metrics.
 
 A generation request goes: key check (app.auth, before the body is read) -> body schema (FastAPI) -> model name and limits -> images
 decoded and prompt tokenised (in a worker thread, off the event loop) -> prompt-length check ->
@@ -19,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -29,14 +31,32 @@ from starlette.concurrency import run_in_threadpool
 from medgem.engine.generate import Completion
 from medgem.engine.sampling import SamplingParams
 from medgem.engine.scheduler import Event
-from medgem.errors import CapabilityError, MedgemError
+from medgem.errors import CapabilityError, InputError, MedgemError
+from medgem.processing import tools as toolfmt
 from medgem.processing.boxes import answer_boxes
 from medgem.processing.thinking import ThoughtSplitter, split_thought
 from medgem.serve.errors import APIError, error_body, medgem_error
 from medgem.serve.inputs import chat_messages, decode_image, image_parts, parse_data_url, recipe_prompt
 from medgem.serve.reasoning import with_instruction
 from medgem.serve.runtime import Runtime
-from medgem.serve.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, ImagePart, SamplingFields
+from medgem.serve.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    ImagePart,
+    SamplingFields,
+    TokenizeRequest,
+)
+from medgem.serve.structured import (
+    chat_logprobs,
+    compile_constraint,
+    completion_logprobs,
+    logit_bias,
+    requested_constraint,
+    tool_constraint,
+    tool_setup,
+)
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -104,7 +124,18 @@ def _sampling(body: SamplingFields, rt: Runtime, max_tokens: int | None) -> Samp
         seed=body.seed,
         stop=tuple(stop),
         ignore_eos=body.ignore_eos,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        logit_bias=logit_bias(body, rt.pipe.config.vocab_size),
     )
+
+
+async def _constrained(params: SamplingParams, pipe, constraint, field: str | None) -> SamplingParams:
+    """params with the compiled output constraint (compiled off the event loop; cached by the pipeline)."""
+    if constraint is None:
+        return params
+    grammar = await run_in_threadpool(compile_constraint, pipe, constraint, field)
+    return replace(params, constraint=grammar)
 
 
 def _check_prompt(rt: Runtime, n_tokens: int, where: str) -> None:
@@ -131,14 +162,15 @@ def _reasoning(body: ChatRequest, rt: Runtime) -> bool:
 class Run:
     """One request's generation: the merged events of all its choices, plus accounting."""
 
-    def __init__(self, rt: Runtime, route: str, prompts: Prompts, params: SamplingParams, n: int):
+    def __init__(self, rt: Runtime, route: str, prompts: Prompts, params: SamplingParams, n: int,
+                 prompt_logprobs: int | None = None):
         self.rt, self.route = rt, route
         self.count = len(prompts) * n
         self.prompt_tokens = sum(len(ids) for ids, _ in prompts)
         self.started = time.perf_counter()
         self.first_text: float | None = None
         self.generated = 0  # completion tokens so far, for the access log
-        self.events = rt.backend.submit(prompts, params, n)
+        self.events = rt.backend.submit(prompts, params, n, prompt_logprobs)
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, Event]]:
         try:
@@ -247,7 +279,19 @@ async def chat_completions(body: ChatRequest, request: Request) -> Response:
     rt = runtime(request)
     pipe = rt.pipeline(body.model)
     params = _sampling(body, rt, body.max_completion_tokens or body.max_tokens)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+    if body.logprobs:
+        params = replace(params, logprobs=body.top_logprobs or 0)
     thinking = _reasoning(body, rt)
+    specs, tool_choice = tool_setup(body)
+    constraint, field = requested_constraint(body)
+    calls_constraint = tool_constraint(specs, tool_choice, body.parallel_tool_calls)
+    if calls_constraint is not None and constraint is not None:
+        raise APIError(400, f"tools and {field} both constrain the answer; send one (or tool_choice: none)",
+                       param=field, code="invalid_value")
+    if calls_constraint is not None:
+        constraint, field = calls_constraint, "tools"
     if not pipe.supports_images and image_parts(body.messages):  # refused before anything is decoded
         raise medgem_error(CapabilityError(f"model {rt.model_id!r} has no vision tower, so it cannot read "
                                            "images; send text only"))
@@ -257,8 +301,15 @@ async def chat_completions(body: ChatRequest, request: Request) -> Response:
         messages = prompt.messages
     else:
         messages, system = await run_in_threadpool(chat_messages, body.messages, rt.settings.limits)
+        try:
+            messages = toolfmt.history(messages)
+        except InputError as exc:
+            raise APIError(400, str(exc), param="messages", code="invalid_message") from None
+    if specs:
+        system = "\n\n".join(filter(None, [system, toolfmt.system_text(specs)]))
     if thinking:
         system = with_instruction(system)
+    params = await _constrained(params, pipe, constraint, field)
     ids, pixels = await run_in_threadpool(pipe.prompt_inputs, messages, False, system)
     _check_prompt(rt, len(ids), "messages")
     run = request.state.run = Run(rt, "chat", [(ids, pixels)], params, body.n)
@@ -268,6 +319,7 @@ async def chat_completions(body: ChatRequest, request: Request) -> Response:
     # model without a thinking mode wrote one unasked (MedGemma 1.5 4B does); a thinking-mode model's
     # thought is dropped when reasoning is off.
     keep = thinking or not rt.thinking
+    use_tools = bool(specs) and tool_choice != "none"
 
     def boxes(text: str) -> dict[str, Any]:
         """localize: the answer's boxes in the pixels of the image sent."""
@@ -275,14 +327,22 @@ async def chat_completions(body: ChatRequest, request: Request) -> Response:
             return {}
         return {"boxes": [b.to_dict() for b in answer_boxes(text, prompt.padding)]}
 
-    def message(completion: Completion) -> dict[str, Any]:
+    def message(completion: Completion) -> tuple[dict[str, Any], str]:
         thought, text = ThoughtSplitter().feed(completion.text, final=True)
-        return {"role": "assistant", "content": text, **({"reasoning_content": thought} if (keep and thought)
-                                                          or thinking else {}), **boxes(text)}
+        extra = {"reasoning_content": thought} if (keep and thought) or thinking else {}
+        calls = toolfmt.parse_calls(text, specs) if use_tools else None
+        if calls:
+            return {"role": "assistant", "content": None, "tool_calls": calls, **extra}, "tool_calls"
+        return {"role": "assistant", "content": text, **extra, **boxes(text)}, completion.finish_reason
+
+    def logprobs(completion: Completion) -> dict[str, Any] | None:
+        return chat_logprobs(pipe, completion.logprobs or []) if body.logprobs else None
 
     def answer(completions: list[Completion]) -> dict[str, Any]:
-        choices = [{"index": i, "message": message(c), "finish_reason": c.finish_reason, "logprobs": None}
-                   for i, c in enumerate(completions)]
+        choices = []
+        for i, c in enumerate(completions):
+            msg, reason = message(c)
+            choices.append({"index": i, "message": msg, "finish_reason": reason, "logprobs": logprobs(c)})
         return {**head, "object": "chat.completion", "choices": choices, "usage": run.usage(completions)}
 
     async def chunks() -> AsyncIterator[dict[str, Any]]:
@@ -292,18 +352,26 @@ async def chat_completions(body: ChatRequest, request: Request) -> Response:
         for i in range(run.count):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
         splitters = [ThoughtSplitter() for _ in range(run.count)]
+        calls = [toolfmt.CallStream(tools_only=tool_choice not in ("auto", "none")) for _ in range(run.count)]
         finals: list[Completion] = []
         async for index, event in run:
             thought, text = splitters[index].feed(event.text, final=event.done)
             if event.done and prompt is not None and prompt.padding is not None:
                 yield chunk([{"index": index, "delta": boxes(split_thought(event.completion.text)[1]),
                               "finish_reason": None}])
-            delta: dict[str, Any] = {"content": text, **({"reasoning_content": thought} if keep and thought else {})}
-            if any(delta.values()):
-                yield chunk([{"index": index, "delta": delta, "finish_reason": None}])
+            deltas = calls[index].feed(text) if use_tools else ([{"content": text}] if text else [])
+            if keep and thought:
+                deltas.insert(0, {"reasoning_content": thought})
+            lp = chat_logprobs(pipe, event.logprobs) if body.logprobs and event.logprobs else None
+            if lp and not deltas:
+                deltas = [{"content": ""}]
+            for k, delta in enumerate(deltas):
+                yield chunk([{"index": index, "delta": delta, "finish_reason": None,
+                              **({"logprobs": lp} if lp and k == 0 else {})}])
             if event.done:
                 finals.append(event.completion)
-                yield chunk([{"index": index, "delta": {}, "finish_reason": event.completion.finish_reason}])
+                reason = "tool_calls" if use_tools and calls[index].calls else event.completion.finish_reason
+                yield chunk([{"index": index, "delta": {}, "finish_reason": reason}])
         if body.stream_options and body.stream_options.include_usage:
             yield chunk([], usage=run.usage(finals))
 
@@ -316,33 +384,53 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     rt = runtime(request)
     pipe = rt.pipeline(body.model)
     params = _sampling(body, rt, body.max_tokens)
+    if body.logprobs is not None:
+        params = replace(params, logprobs=body.logprobs)
+    if body.echo and body.stream:
+        raise APIError(400, "echo is not available with stream: true", param="echo", code="invalid_value")
+    constraint, field = requested_constraint(body)
     texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(texts) * body.n > rt.settings.max_queue + rt.settings.max_batch:
         raise APIError(400, f"{len(texts)} prompts x n={body.n} is more than this server can hold at once",
                        param="prompt", code="too_many_prompts")
+    params = await _constrained(params, pipe, constraint, field)
     prompts: Prompts = []
     for i, text in enumerate(texts):
         ids = await run_in_threadpool(pipe.prompt_ids, text, True)
         _check_prompt(rt, len(ids), "prompt" if isinstance(body.prompt, str) else f"prompt[{i}]")
         prompts.append((ids, None))
-    run = request.state.run = Run(rt, "completions", prompts, params, body.n)
+    scored = body.logprobs if body.echo and body.logprobs is not None else None
+    run = request.state.run = Run(rt, "completions", prompts, params, body.n, prompt_logprobs=scored)
     rt.metrics.prompt_tokens.inc(run.prompt_tokens)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": rt.model_id}
 
-    def answer(completions: list[Completion]) -> dict[str, Any]:  # a thought trace is dropped, as in chat
-        choices = [{"index": i, "text": split_thought(c.text)[1], "finish_reason": c.finish_reason, "logprobs": None}
-                   for i, c in enumerate(completions)]
-        return {**head, "choices": choices, "usage": run.usage(completions)}
+    def choice(i: int, c: Completion) -> dict[str, Any]:  # a thought trace is dropped, as in chat
+        prompt = texts[i // body.n] if body.echo else ""
+        logprobs = None
+        if body.logprobs is not None:
+            entries = (c.prompt_logprobs or []) + (c.logprobs or []) if body.echo else c.logprobs or []
+            lead = prompts[i // body.n][0][0] if body.echo else None
+            logprobs = completion_logprobs(pipe, entries, lead=lead)
+        return {"index": i, "text": prompt + split_thought(c.text)[1], "finish_reason": c.finish_reason,
+                "logprobs": logprobs}
+
+    def answer(completions: list[Completion]) -> dict[str, Any]:
+        return {**head, "choices": [choice(i, c) for i, c in enumerate(completions)], "usage": run.usage(completions)}
 
     async def chunks() -> AsyncIterator[dict[str, Any]]:
         finals: list[Completion] = []
         splitters = [ThoughtSplitter() for _ in range(run.count)]
+        offsets = [0] * run.count
         async for index, event in run:
             text = splitters[index].feed(event.text, final=event.done)[1]
             if text:
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = completion_logprobs(pipe, event.logprobs or [], offsets[index])
+                    offsets[index] += len(event.text)
                 yield {**head, "choices": [{"index": index, "text": text, "finish_reason": None,
-                                            "logprobs": None}]}
+                                            "logprobs": logprobs}]}
             if event.done:
                 finals.append(event.completion)
                 yield {**head, "choices": [{"index": index, "text": "", "logprobs": None,
@@ -351,6 +439,41 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             yield {**head, "choices": [], "usage": run.usage(finals)}
 
     return await _respond(run, request, chunks() if body.stream else None, answer)
+
+
+# -- tokenize and detokenize (vLLM's endpoints) -----------------------------------------------------
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
+    """Token ids of a prompt (raw text, with <bos> unless add_special_tokens is false) or of chat messages
+    rendered with the chat template, as the model would see them."""
+    rt = runtime(request)
+    pipe = rt.pipeline(body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "send either prompt or messages", param="prompt", code="invalid_value")
+    if body.prompt is not None:
+        ids = pipe.tokenizer.encode(body.prompt, add_bos=body.add_special_tokens)
+    else:
+        if image_parts(body.messages):
+            raise APIError(400, "tokenize takes text messages only", param="messages", code="invalid_message")
+        messages, system = await run_in_threadpool(chat_messages, body.messages, rt.settings.limits)
+        try:
+            ids = await run_in_threadpool(pipe.prompt_ids, toolfmt.history(messages), False, system)
+        except InputError as exc:
+            raise APIError(400, str(exc), param="messages", code="invalid_message") from None
+    limit = rt.settings.limits.max_prompt_tokens
+    return {"tokens": ids, "count": len(ids), "max_model_len": min(limit, pipe.config.max_position_embeddings)}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
+    rt = runtime(request)
+    pipe = rt.pipeline(body.model)
+    vocab = pipe.tokenizer.vocab_size
+    bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise APIError(400, f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param="tokens",
+                       code="invalid_value")
+    return {"prompt": pipe.tokenizer.decode(body.tokens)}
 
 
 # -- embeddings and models -------------------------------------------------------------------------

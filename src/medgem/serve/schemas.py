@@ -4,8 +4,9 @@ Unknown fields are accepted and ignored, as clients send extras (`user`, `store`
 the features this server does not have (`UNSUPPORTED`), which are refused by name rather than
 silently ignored. medgem additions: `reasoning` (see serve/reasoning.py), `recipe` (with `series` and
 `max_slices`: MedGemma 1.5's input layouts, serve/inputs.py), `window` on an
-`image_url` (the DICOM display window: a CT preset, "C/W", "minmax" or "auto"), and `image_url`
-parts among the inputs of an embedding request (MedSigLIP embeds images and texts in one space).
+`image_url` (the DICOM display window: a CT preset, "C/W", "minmax" or "auto"), `image_url`
+parts among the inputs of an embedding request (MedSigLIP embeds images and texts in one space), and
+vLLM's `structured_outputs` (`json`, `regex`, `choice`, `grammar`) on chat and completions.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from medgem.inputs.text import clean_json
 
 # Fields that would change what the client gets back; refused unless absent, null, 0, false or empty.
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs", "logit_bias",
-               "response_format", "suffix", "echo", "best_of", "dimensions", "audio", "modalities", "prediction",
-               "frequency_penalty", "presence_penalty")
+UNSUPPORTED = ("functions", "function_call", "suffix", "best_of", "dimensions", "audio", "modalities", "prediction")
 
 
 class _Body(BaseModel):
@@ -36,7 +35,7 @@ class _Body(BaseModel):
         extra = self.model_extra or {}
         for name in UNSUPPORTED:
             value = extra.get(name)
-            if value not in (None, False, [], {}, "") and not (name == "response_format" and value == {"type": "text"}):
+            if value not in (None, False, [], {}, ""):
                 return name
         return None
 
@@ -64,10 +63,66 @@ class ImagePart(_Part):
 Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+class FunctionCall(_Part):
+    name: str = Field(min_length=1)
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Part):
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Part):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[Part]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[Part] | None = None  # None only on an assistant message that carries tool_calls
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # on assistant messages
+    tool_call_id: str | None = None  # on tool messages: which call this is the result of
+
+
+class JsonSchemaFormat(_Part):
+    name: str = Field("response", min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Part):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Part):
+    """vLLM's extension: one of these constrains the output."""
+
+    json_: dict | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: Annotated[list[str], Field(min_length=1)] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class FunctionDef(_Part):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(_Part):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Part):
+    name: str
+
+
+class NamedToolChoice(_Part):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Part):
@@ -86,6 +141,11 @@ class SamplingFields(_Body):
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id (as text) -> bias
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
 
 class ChatRequest(SamplingFields):
@@ -93,6 +153,11 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     reasoning: bool | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     # MedGemma 1.5's input recipes (processing/recipes.py; serve/inputs.py recipe_prompt)
     recipe: Literal["ct", "mri", "longitudinal", "localize"] | None = None
     series: str | None = None  # ct/mri: the SeriesInstanceUID to read when the upload holds several
@@ -101,9 +166,23 @@ class ChatRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | Annotated[list[str], Field(min_length=1)]
+    logprobs: int | None = Field(None, ge=0, le=20)  # the top-n per token (OpenAI allows 5, vLLM 20)
+    echo: bool = False
 
 
 class EmbeddingRequest(_Body):
     model: str
     input: str | Annotated[list[str | ImagePart], Field(min_length=1, max_length=2048)]
     encoding_format: Literal["float", "base64"] = "float"
+
+
+class TokenizeRequest(_Body):
+    model: str
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(_Body):
+    model: str
+    tokens: Annotated[list[int], Field(max_length=1_000_000)]
