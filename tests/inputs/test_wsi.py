@@ -41,13 +41,20 @@ def test_level_nearest_10x_tissue_patches_in_spatial_order(tmp_path):
     assert np.abs(np.asarray(got.images[0]).mean(axis=(0, 1)) - [200, 110, 170]).max() < 3  # stain, not glass
 
 
-def test_sampling_is_seeded_and_spatially_ordered(tmp_path):
-    write_slide(tmp_path / "big.tiff", mpp=1.0)  # 10x at level 0: 4 x 4 patches, the top-left 2 x 2 stained
-    everything = load_patches(tmp_path / "big.tiff")
+@pytest.fixture(scope="module")
+def ten_x(tmp_path_factory):
+    """10x at level 0: 4 x 4 patches, the top-left 2 x 2 stained."""
+    path = tmp_path_factory.mktemp("slide") / "big.tiff"
+    write_slide(path, mpp=1.0)
+    return path
+
+
+def test_sampling_is_seeded_and_spatially_ordered(ten_x):
+    everything = load_patches(ten_x)
     assert everything.level == 0 and everything.corners == [(0, 0), (PATCH, 0), (0, PATCH), (PATCH, PATCH)]
-    some = load_patches(tmp_path / "big.tiff", max_patches=2, seed=3)
+    some = load_patches(ten_x, max_patches=2, seed=3)
     assert len(some.corners) == 2 and some.corners == sorted(some.corners, key=lambda c: (c[1], c[0]))
-    assert some.corners == load_patches(tmp_path / "big.tiff", max_patches=2, seed=3).corners
+    assert some.corners == load_patches(ten_x, max_patches=2, seed=3).corners
 
 
 def test_nearest_level_and_mask():
@@ -70,14 +77,13 @@ def test_bad_slides(tmp_path):
         assert "\n" not in str(info.value)
 
 
-def test_wsi_recipe_layout(tmp_path):
+def test_wsi_recipe_layout(ten_x):
     from medgem.processing.recipes import WSI_PROMPT, build
 
-    write_slide(tmp_path / "big.tiff", mpp=1.0)
-    prompt = build("wsi", source=tmp_path / "big.tiff", tissue="colon", procedure="biopsy", max_slices=3)
+    prompt = build("wsi", source=ten_x, tissue="colon", procedure="biopsy", max_slices=3)
     text, *patches = prompt.messages[0]["content"]
     assert text == {"type": "text", "text": WSI_PROMPT + "\ncolon, biopsy:"}  # the notebook's prompt, then patches
     assert [p["type"] for p in patches] == ["image"] * 3 == ["image"] * prompt.images
     assert prompt.slide.tissue_patches == 4
     with pytest.raises(InputError, match="needs a slide file, its tissue and its procedure"):
-        build("wsi", source=tmp_path / "big.tiff", tissue="colon")
+        build("wsi", source=ten_x, tissue="colon")

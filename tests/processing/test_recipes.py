@@ -34,6 +34,11 @@ def notebook_messages(images, instruction, query):
 
 
 @pytest.fixture(scope="module")
+def tiny_pipe(tiny_medgemma):
+    return medgem.load(tiny_medgemma, dtype="float32")
+
+
+@pytest.fixture(scope="module")
 def ct_folder(tmp_path_factory, series_writer):
     folder = tmp_path_factory.mktemp("ct6")
     series_writer(folder, 6)
@@ -61,13 +66,13 @@ def test_ct_prompt_tokens_equal_transformers_gemma3_processor(ct_folder, tokeniz
 
 
 def test_random_multimodal_model_logits_on_a_ct_prompt_match_transformers(
-        ct_folder, tiny_medgemma, make_hf_processor, gemma3_chat_template):
+        ct_folder, tiny_medgemma, tiny_pipe, make_hf_processor, gemma3_chat_template):
     """A small random model (Gemma's vocabulary, a 28 px SigLIP, 4 tokens an image) read by medgem and by
     transformers from one checkpoint; a 4B-shaped one does not fit the test budget in fp32 on 2 cores
     (benchmarks/volume.py runs 4B shapes)."""
     from transformers import Gemma3ForConditionalGeneration
 
-    pipe = medgem.load(tiny_medgemma, dtype="float32")
+    pipe = tiny_pipe
     prompt = pipe.recipe_prompt("ct", QUESTION, source=ct_folder, max_new_tokens=8)
     ours = pipe.processor.apply_chat_template(prompt.messages)
     hf = make_hf_processor(tiny_medgemma, size=28, tokens_per_image=4, chat_template=gemma3_chat_template)
@@ -84,11 +89,11 @@ def test_random_multimodal_model_logits_on_a_ct_prompt_match_transformers(
     assert answer.prompt.volume.total == 6 and answer.completion.prompt_tokens == ours.input_ids.shape[1]
 
 
-def test_a_recipe_too_big_for_the_context_is_refused_before_decoding(tmp_path, series_writer, tiny_medgemma):
+def test_a_recipe_too_big_for_the_context_is_refused_before_decoding(tmp_path, series_writer, tiny_pipe):
     paths = series_writer(tmp_path, 30)
     for path in paths.values():  # pixel data cut short: decoding any slice would fail
         path.write_bytes(path.read_bytes()[:-4000])
-    pipe = medgem.load(tiny_medgemma, dtype="float32")
+    pipe = tiny_pipe
     with pytest.raises(ContextLengthError, match=r"30 image\(s\) x 4 tokens = 120 image tokens .* more than the "
                        r"256 tokens available"):
         pipe.recipe_prompt("ct", QUESTION, source=tmp_path)
