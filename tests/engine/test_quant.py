@@ -123,7 +123,7 @@ def test_int8_greedy_agrees_with_fp32_on_real_weights(real_pipe):
 
 
 def test_quantize_rejects_non_cpu_modes():
-    with pytest.raises(InputError, match="CPU kernels"):
+    with pytest.raises(InputError, match="CPU kernels|CPU-only build"):  # the latter where torch has no CUDA
         medgem.load(quant="int8", device="cuda")
 
 

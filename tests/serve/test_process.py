@@ -86,7 +86,7 @@ def test_logs_hold_no_prompt_image_or_identifier_and_sigterm_drains(tiny_medgemm
             proc.kill()
             proc.wait()
     log = log_path.read_text()
-    assert "POST /v1/chat/completions -> 200" in log and "draining" in log  # logging was on
+    assert "medgem.access: POST /v1/chat/completions 200" in log and "draining" in log  # logging was on
     header = pydicom.dcmread(chest_dicom, stop_before_pixels=True)
     payload = base64.b64encode(Path(chest_dicom).read_bytes()).decode()
     for secret in (SECRET, "PATIENT-SMITH", str(header.PatientName), header.PatientID, header.PatientBirthDate,

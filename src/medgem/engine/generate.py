@@ -37,9 +37,9 @@ class Completion:
     finish_reason: str  # "stop" (EOS, end of turn or a stop string) or "length"
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-    reasoning: str = ""  # a thought trace the pipeline split off the text (processing/thinking.py)
     logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when asked for
     prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token after the first (scheduler)
+    reasoning: str = ""  # a thought trace the pipeline split off the text (processing/thinking.py)
 
     @property
     def completion_tokens(self) -> int:
