@@ -55,14 +55,9 @@ class ThoughtSplitter:
         thought, answer = [], []
         while True:
             if self.state == "answer":
-                at = self.buffer.find(THOUGHT_START)
-                if at < 0:
-                    keep = 0 if final else _held(self.buffer, THOUGHT_START)
-                    answer.append(self.buffer[:len(self.buffer) - keep])
-                    self.buffer = self.buffer[len(self.buffer) - keep:]
+                if not self._take_until(THOUGHT_START, answer, final):
                     break
-                answer.append(self.buffer[:at])
-                self.buffer, self.state = self.buffer[at + len(THOUGHT_START):], "label"
+                self.state = "label"
             elif self.state == "label":
                 if THOUGHT_LABEL.startswith(self.buffer) and not final and len(self.buffer) < len(THOUGHT_LABEL):
                     break
@@ -70,15 +65,23 @@ class ThoughtSplitter:
                     self.buffer = self.buffer[len(THOUGHT_LABEL):]
                 self.state = "thought"
             else:
-                at = self.buffer.find(THOUGHT_END)
-                if at < 0:
-                    keep = 0 if final else _held(self.buffer, THOUGHT_END)
-                    thought.append(self.buffer[:len(self.buffer) - keep])
-                    self.buffer = self.buffer[len(self.buffer) - keep:]
+                if not self._take_until(THOUGHT_END, thought, final):
                     break
-                thought.append(self.buffer[:at])
-                self.buffer, self.state = self.buffer[at + len(THOUGHT_END):], "answer"
+                self.state = "answer"
         return "".join(thought), "".join(answer)
+
+    def _take_until(self, marker: str, out: list[str], final: bool) -> bool:
+        """Move the buffered text before `marker` to `out` and drop the marker: True when it was there.
+        Otherwise move all but a tail that could still begin the marker (all of it when `final`)."""
+        at = self.buffer.find(marker)
+        if at < 0:
+            keep = 0 if final else _held(self.buffer, marker)
+            out.append(self.buffer[:len(self.buffer) - keep])
+            self.buffer = self.buffer[len(self.buffer) - keep:]
+            return False
+        out.append(self.buffer[:at])
+        self.buffer = self.buffer[at + len(marker):]
+        return True
 
 
 def split_thought(text: str) -> tuple[str, str]:
