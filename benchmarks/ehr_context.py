@@ -36,7 +36,6 @@ FILLER = (
 
 
 def recall(patients: int, questions: int, seed: int) -> dict:
-    import gguf
 
     from medgem.ehr.context import ContextBuilder, Retriever
     from medgem.ehr.embed import MiniLM
@@ -45,9 +44,9 @@ def recall(patients: int, questions: int, seed: int) -> dict:
     from medgem.ehr.timeline import Timeline
     from medgem.inputs.fhir import load_record
     from medgem.processing.tokenizer import Tokenizer
-    from medgem.weights import embedded_gguf, medgem_home
+    from medgem.weights import embedded_gguf, gguf_reader, medgem_home
 
-    tokenizer = Tokenizer.from_gguf(gguf.GGUFReader(embedded_gguf()), medgem_home() / "tokenizers")
+    tokenizer = Tokenizer.from_gguf(gguf_reader.GGUFIndex.load(embedded_gguf()), medgem_home() / "tokenizers")
 
     def count(text: str) -> int:
         return len(tokenizer.encode(text, add_bos=False))

@@ -89,7 +89,7 @@ def main() -> int:
             quantize_text_model(model.language_model, args.quant)
     model.eval()
     build_s = time.perf_counter() - start
-    tokenizer = Tokenizer.from_gguf(gguf_reader.open_gguf(embedded_gguf()), medgem_home() / "tokenizers")
+    tokenizer = Tokenizer.from_gguf(gguf_reader.GGUFIndex.load(embedded_gguf()), medgem_home() / "tokenizers")
     processor = MultimodalProcessor(tokenizer, ImageProcessor(), cfg.mm_tokens_per_image, cfg.image_token_id)
     pipe = Pipeline(model, tokenizer, cfg.text, "random MedGemma 4B shapes", build_s, processor)
 

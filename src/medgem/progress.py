@@ -12,15 +12,23 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 FRAMES = "-\\|/"  # ASCII: every terminal encoding shows it
 DELAY_S = 0.3  # steps that end sooner draw nothing (no flicker)
 TICK_S = 0.1
 
+
+class _Label:
+    """One open step's text; counted work rewrites it in place."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+
 _enabled = False
-_labels: list[str] = []
+_labels: list[_Label] = []
 _lock = threading.Lock()
 _wake = threading.Condition(_lock)
 _thread: threading.Thread | None = None
@@ -40,26 +48,43 @@ def enabled() -> bool:
 
 
 @contextmanager
-def step(label: str) -> Iterator[None]:
+def step(label: str) -> Iterator[_Label]:
     """Show `label` with a spinner and the seconds spent while the block runs (a no-op when off)."""
     global _thread
+    entry = _Label(label)
     if not _enabled:
-        yield
+        yield entry
         return
     with _lock:
-        _labels.append(label)
+        _labels.append(entry)
         if _thread is None:
             _thread = threading.Thread(target=_draw, args=(time.monotonic(),), name="medgem-progress", daemon=True)
             _thread.start()
     try:
-        yield
+        yield entry
     finally:
         with _lock:
-            _labels.remove(label)
+            _labels.remove(entry)
             _wake.notify_all()
             drawer = _thread if not _labels else None
         if drawer is not None:
             drawer.join()  # the line is erased before anything else is printed
+
+
+@contextmanager
+def counted(label: str, total: int) -> Iterator[Callable[[], None]]:
+    """`step` for counted work, e.g. 85 CT slices through the vision tower: yields a tick to call after each
+    item, and the line reads "label 3/85". One line with the spinner, so the two never fight over stderr."""
+    done = 0
+    with step(f"{label} 0/{total}") as entry:
+
+        def tick() -> None:
+            nonlocal done
+            done += 1
+            with _lock:
+                entry.text = f"{label} {done}/{total}"
+
+        yield tick
 
 
 def _columns() -> int:
@@ -77,7 +102,7 @@ def _draw(start: float) -> None:
         while _labels:
             elapsed = time.monotonic() - start
             if elapsed >= DELAY_S:
-                line = f"{FRAMES[frame % len(FRAMES)]} {_labels[-1]}... {elapsed:.0f} s"
+                line = f"{FRAMES[frame % len(FRAMES)]} {_labels[-1].text}... {elapsed:.0f} s"
                 width = _columns() - 1  # a wrapped line could not be redrawn in place
                 sys.stderr.write("\r\x1b[K" + (line if len(line) <= width else line[: width - 3] + "..."))
                 sys.stderr.flush()

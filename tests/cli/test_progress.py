@@ -71,3 +71,26 @@ def test_a_piped_run_prints_nothing_extra():
     lines = [line for line in piped.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("[medgem is not a medical device"), piped.stderr
     assert "\r" not in piped.stderr and "\x1b" not in piped.stderr
+
+
+def test_counted_work_shows_how_far_it_is(monkeypatch):
+    """The vision tower's line for a CT volume: "image 2/3" while it runs, erased at the end."""
+    import io
+    import time
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    try:
+        assert progress.configure()
+        with progress.counted("vision tower: image", 3) as tick:
+            tick()
+            tick()
+            time.sleep(progress.DELAY_S + 3 * progress.TICK_S)
+        assert "vision tower: image 2/3" in screen.getvalue()
+        assert screen.getvalue().endswith("\r\x1b[K")
+    finally:
+        progress.configure(quiet=True)

@@ -40,12 +40,10 @@ def records(bundle_files) -> list[Record]:
 @pytest.fixture(scope="session")
 def count_tokens() -> Callable[[str], int]:
     """Token counts from the embedded Gemma 3 tokenizer (the one `ehr ask` counts with)."""
-    import gguf
-
     from medgem.processing.tokenizer import Tokenizer
-    from medgem.weights import embedded_gguf, medgem_home
+    from medgem.weights import embedded_gguf, gguf_reader, medgem_home
 
-    tokenizer = Tokenizer.from_gguf(gguf.GGUFReader(embedded_gguf()), medgem_home() / "tokenizers")
+    tokenizer = Tokenizer.from_gguf(gguf_reader.GGUFIndex.load(embedded_gguf()), medgem_home() / "tokenizers")
     return lambda text: len(tokenizer.encode(text, add_bos=False))
 
 

@@ -198,6 +198,18 @@ def test_multi_turn_cached_decoding_matches_full_forward(tiny):
     assert (torch.cat(steps) - expected).abs().max().item() <= TOL
 
 
+def test_images_encode_one_at_a_time_like_a_batch(tiny):
+    """Bounded memory for 85 CT slices: each image goes through the tower alone, with the batch's result."""
+    model, _ = load_multimodal_model(tiny[1])
+    pixels = torch.randn(3, 3, model.config.vision.image_size, model.config.vision.image_size)
+    ticks = []
+    with torch.no_grad():
+        batched = model.multi_modal_projector(model.vision_tower(pixels))
+        one_by_one = model.encode_images(pixels, on_image=lambda: ticks.append(1))
+    torch.testing.assert_close(one_by_one, batched, rtol=1e-5, atol=1e-5)
+    assert len(ticks) == 3
+
+
 def test_image_groups_are_contiguous_runs():
     ids = torch.tensor([[1, 9, 9, 2, 9, 3], [9, 9, 9, 1, 1, 9]])
     assert image_groups(ids, 9).tolist() == [[-1, 1, 1, -1, 4, -1], [0, 0, 0, -1, -1, 5]]

@@ -29,7 +29,7 @@ def gemma3_processor(tokenizer_folder, size: int = 896, tokens_per_image: int = 
 
 @pytest.fixture(scope="session")
 def tokenizer(embedded_gguf):
-    return Tokenizer.from_gguf(gguf_reader.open_gguf(embedded_gguf), medgem_home() / "tokenizers")
+    return Tokenizer.from_gguf(gguf_reader.GGUFIndex.load(embedded_gguf), medgem_home() / "tokenizers")
 
 
 @pytest.fixture(scope="session")

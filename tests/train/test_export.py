@@ -95,19 +95,19 @@ def reload(path) -> torch.nn.Module:
 
 def test_gguf_export_has_llama_cpp_names_and_reloads(merged_text, prompt_ids, tiny_text_dir, embedded_gguf, tmp_path):
     path = export_gguf(merged_text, tmp_path / "model.gguf", tiny_text_dir, tensor_type="f32")
-    reader = gguf_reader.open_gguf(path)
+    reader = gguf_reader.GGUFIndex.load(path)
     names = {t.name for t in reader.tensors}
     expected = {f"blk.{i}.{leaf}.weight" for i in range(4) for leaf in LLAMA_CPP_BLOCK}
     assert names == expected | {"token_embd.weight", "output_norm.weight"}  # tied head: no `output`
-    meta = gguf_reader.metadata(reader)
+    meta = reader.metadata
     assert meta["general.architecture"] == "gemma3" and meta["gemma3.block_count"] == 4
     norm = next(t for t in reader.tensors if t.name == "blk.1.post_ffw_norm.weight")
     stored = gguf_reader.dequantize(norm)
     assert np.allclose(stored, merged_text.layers[1].post_feedforward_layernorm.weight.detach().numpy() + 1.0)
     # The vocabulary rebuilt from tokenizer.json is the one llama.cpp's converter wrote for the real model.
-    original = gguf_reader.open_gguf(embedded_gguf).fields
+    original, exported = gguf_reader.read_header(embedded_gguf).fields, gguf_reader.read_header(path).fields
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type"):
-        assert reader.fields[key].contents() == original[key].contents(), key
+        assert exported[key] == original[key], key
     with torch.no_grad():
         assert (reload(path)(prompt_ids) - merged_text(prompt_ids)).abs().max() < TOL
     tokenizer = Tokenizer.from_gguf(reader, medgem_home() / "tokenizers")
@@ -117,7 +117,7 @@ def test_gguf_export_has_llama_cpp_names_and_reloads(merged_text, prompt_ids, ti
 
 def test_q8_gguf_is_close(merged_text, prompt_ids, tiny_text_dir, tmp_path):
     path = export_gguf(merged_text, tmp_path / "q8.gguf", tiny_text_dir, tensor_type="q8_0")
-    reader = gguf_reader.open_gguf(path)
+    reader = gguf_reader.GGUFIndex.load(path)
     kinds = {t.name: t.tensor_type.name for t in reader.tensors}
     assert kinds["blk.0.ffn_up.weight"] == "Q8_0" and kinds["blk.0.attn_norm.weight"] == "F32"
     with torch.no_grad():
@@ -129,7 +129,7 @@ def test_mmproj_export_reloads_with_the_text_gguf(tiny_text_dir, tmp_path):
     model = merged(tiny_multimodal(seed=7))
     text = export_gguf(model, tmp_path / "model.gguf", tiny_text_dir, tensor_type="f32")
     mmproj = export_mmproj(model, tmp_path / "mmproj.gguf", ImageProcessor(size=28), tensor_type="f32")
-    names = {t.name for t in gguf_reader.open_gguf(mmproj).tensors}
+    names = {t.name for t in gguf_reader.GGUFIndex.load(mmproj).tensors}
     assert {"v.patch_embd.weight", "v.position_embd.weight", "v.post_ln.weight", "mm.input_projection.weight",
             "mm.soft_emb_norm.weight", "v.blk.1.attn_out.weight", "v.blk.0.ffn_up.bias"} <= names
     back = medgem.load(text, mmproj=mmproj, dtype="float32", quant="none")

@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from medgem.engine.generate import Completion, Generator, _Seq
+from medgem.engine.generate import Completion, Generator, _Seq, image_progress
 from medgem.engine.logits import TokenLogprob, token_logprob
 from medgem.engine.prefix_cache import PrefixCache, block_keys
 from medgem.engine.sampling import SamplingParams
@@ -333,8 +333,9 @@ class Scheduler:
     def _admit(self, request: Request, slot: int) -> _Row:
         ids = torch.tensor(request.prompt, dtype=torch.long)
         if hasattr(self.model, "prepare_embeds"):
-            embeds, groups = self.model.prepare_embeds(ids[None].to(self.target.device),
-                                                       pixel_values=request.pixel_values)
+            with image_progress(request.pixel_values) as on_image:
+                embeds, groups = self.model.prepare_embeds(ids[None].to(self.target.device),
+                                                           pixel_values=request.pixel_values, on_image=on_image)
             inputs, groups = embeds[0], groups[0].cpu()
         else:
             inputs, groups = ids, torch.full_like(ids, -1)

@@ -16,6 +16,8 @@ published layout onto them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,27 +83,44 @@ class Gemma3Multimodal(nn.Module):
     def finish_init(self) -> None:
         self.language_model.finish_init()
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] normalised pixels -> [N, mm_tokens_per_image, text_hidden] soft-token embeddings."""
-        return self.multi_modal_projector(self.vision_tower(pixel_values))
+    def encode_images(self, pixel_values: torch.Tensor,
+                      on_image: Callable[[], None] | None = None) -> torch.Tensor:
+        """[N, 3, H, W] normalised pixels -> [N, mm_tokens_per_image, text_hidden] soft-token embeddings.
+
+        One image at a time: an 896 px image is already a 4096-row matmul, so batching buys no speed, while
+        85 CT slices at once would hold ~6 GB of MLP activations. `on_image` is called after each image
+        (a progress bar's tick)."""
+        out = None
+        for i in range(pixel_values.shape[0]):
+            features = self.multi_modal_projector(self.vision_tower(pixel_values[i:i + 1]))
+            if out is None:
+                out = features.new_empty((pixel_values.shape[0], *features.shape[1:]))
+            out[i] = features[0]
+            if on_image is not None:
+                on_image()
+        if out is None:
+            raise InputError("encode_images needs at least one image")
+        return out
 
     def prepare_embeds(
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
+        on_image: Callable[[], None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(input embeddings [B, T, hidden], image groups [B, T]) with image features in place.
 
         Images fill the soft-token runs in reading order (row by row of the batch). Without images,
         soft tokens embed as padding, as in transformers. `image_features` (from `encode_images`)
-        skips the vision tower, e.g. for an image already seen in an earlier turn.
+        skips the vision tower, e.g. for an image already seen in an earlier turn. `on_image` ticks once
+        per encoded image.
         """
         is_image = input_ids == self.config.image_token_id
         # The soft-token id sits past a 262,144-row vocabulary (GGUF text models): never index with it.
         embeds = self.language_model.embed(input_ids.masked_fill(is_image, self.config.text.pad_token_id))
         if image_features is None and pixel_values is not None:
-            image_features = self.encode_images(pixel_values)
+            image_features = self.encode_images(pixel_values, on_image)
         if image_features is not None:
             slots, given = int(is_image.sum()), image_features.shape[0] * image_features.shape[1]
             if slots != given:

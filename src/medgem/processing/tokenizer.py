@@ -206,15 +206,17 @@ class Tokenizer:
         hit = cache.read(cached) if cached is not None else None
         if hit is not None:
             return cls(_SentencePieceBackend(hit), **_special_ids(source.metadata.get))
-        fields = source.reader.fields if index_key else source.fields
-        if "tokenizer.ggml.tokens" not in fields:
+        if index_key:
+            field = source.fields.get
+        else:
+            def field(key: str, default: Any = None) -> Any:
+                return source.fields[key].contents() if key in source.fields else default
+
+        if field("tokenizer.ggml.tokens") is None:
             raise CheckpointError("GGUF file has no tokenizer vocabulary (tokenizer.ggml.tokens)")
-        model_kind = fields["tokenizer.ggml.model"].contents() if "tokenizer.ggml.model" in fields else "llama"
+        model_kind = field("tokenizer.ggml.model", "llama")
         if model_kind != "llama":
             raise CheckpointError(f"GGUF tokenizer model {model_kind!r} is not a Gemma SentencePiece vocabulary")
-
-        def field(key: str, default: Any = None) -> Any:
-            return fields[key].contents() if key in fields else default
 
         proto = sentencepiece_model_from_gguf_fields(
             field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type", []), _special_ids(field),

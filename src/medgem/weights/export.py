@@ -172,13 +172,9 @@ def gguf_vocab(source: str | Path) -> dict[str, Any]:
     """tokens, scores, types and special ids from a .gguf or an HF folder's tokenizer.json."""
     source = Path(source)
     if source.is_file():
-        reader = gguf_reader.open_gguf(source)
-        fields = reader.fields
-        if "tokenizer.ggml.tokens" not in fields:
+        get = gguf_reader.read_header(source).fields.get
+        if get("tokenizer.ggml.tokens") is None:
             raise CheckpointError(f"{source.name} has no tokenizer vocabulary")
-
-        def get(key: str, default: Any = None) -> Any:
-            return fields[key].contents() if key in fields else default
 
         tokens = get("tokenizer.ggml.tokens")
         return {"tokens": tokens, "scores": get("tokenizer.ggml.scores", [0.0] * len(tokens)),

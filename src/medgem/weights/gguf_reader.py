@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ import torch
 from medgem import cache
 from medgem.errors import CheckpointError
 from medgem.weights.lazy import LazyRows
+
+if TYPE_CHECKING:
+    import gguf
 
 # llama.cpp leaf name -> our (HF) name inside a decoder layer.
 _LAYER_NAMES = {
@@ -60,11 +63,130 @@ def open_gguf(path: str | Path):
     return reader
 
 
-def metadata(reader) -> dict[str, Any]:
+# GGUF value type -> (struct format, size) for scalars; 8 = string, 9 = array (gguf.GGUFValueType).
+_SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4), 6: ("<f", 4),
+            7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8)}
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
+          12: "<f8"}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass
+class GGUFHeader:
+    """Every metadata field as a Python value (arrays as lists) and every tensor's place in the file."""
+
+    fields: dict[str, Any]
+    tensors: list[tuple[str, int, list[int], int, int]]  # name, ggml type, GGUF-order shape, offset, bytes
+
+
+def read_header(path: str | Path) -> GGUFHeader:
+    """Parse a GGUF's header in one pass over a memory map: metadata and tensor locations, no tensor data.
+
+    Why not gguf.GGUFReader: it builds a numpy view per array item, so a Gemma 3 vocabulary (262,144
+    strings) takes 20-45 s on every first start of a new file; this reads the same fields in about a
+    second (checked field for field against the reader in tests/weights). Lengths and counts are
+    checked against the file size, so a corrupt or hostile header is a CheckpointError, never a huge
+    allocation.
+    """
+    import struct
+
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"GGUF file not found: {path}")
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        if size < 24:
+            raise CheckpointError(f"{path.name} is not a readable GGUF file (truncated or corrupt): {size} bytes")
+        view = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    pos = 0
+
+    def take(fmt: str, n: int) -> Any:
+        nonlocal pos
+        if pos + n > size:
+            raise EOFError
+        (value,) = struct.unpack_from(fmt, view, pos)
+        pos += n
+        return value
+
+    def text() -> str:
+        nonlocal pos
+        n = take("<Q", 8)
+        if pos + n > size:
+            raise EOFError
+        value = view[pos:pos + n].decode("utf-8", errors="replace")
+        pos += n
+        return value
+
+    def value(kind: int) -> Any:
+        nonlocal pos
+        if kind in _SCALARS:
+            return take(*_SCALARS[kind])
+        if kind == _STRING:
+            return text()
+        if kind != _ARRAY:
+            raise ValueError(f"unknown value type {kind}")
+        item, count = take("<I", 4), take("<Q", 8)
+        if item in _NUMPY:
+            width = np.dtype(_NUMPY[item]).itemsize
+            if pos + count * width > size:
+                raise EOFError
+            items = np.frombuffer(view, _NUMPY[item], count, pos).tolist()
+            pos += count * width
+            return items
+        if count > size - pos:  # every item takes at least one byte
+            raise EOFError
+        return [value(item) for _ in range(count)]
+
+    try:
+        if view[:4] != b"GGUF":
+            raise ValueError("no GGUF magic")
+        pos = 4
+        version, n_tensors, n_fields = take("<I", 4), take("<Q", 8), take("<Q", 8)
+        if version < 2:
+            raise ValueError(f"GGUF version {version} is not supported")
+        if n_tensors > size or n_fields > size:
+            raise EOFError
+        fields = {}
+        for _ in range(n_fields):
+            key = text()
+            fields[key] = value(take("<I", 4))
+        infos = []
+        for _ in range(n_tensors):
+            name = text()
+            dims = [take("<Q", 8) for _ in range(take("<I", 4))]
+            infos.append((name, take("<I", 4), dims, take("<Q", 8)))
+        alignment = int(fields.get("general.alignment", 32))
+        start = -(-pos // alignment) * alignment
+        tensors = []
+        for name, kind, dims, offset in infos:
+            block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+            tensors.append((name, kind, dims, start + offset, int(np.prod(dims, dtype=np.int64)) * block_bytes // block))
+    except (EOFError, struct.error):
+        raise CheckpointError(f"{path.name} is not a readable GGUF file (truncated or corrupt): the header ends "
+                              "early") from None
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path.name} is not a readable GGUF file (truncated or corrupt): {exc}") from None
+    finally:
+        view.close()
+    end = max((offset + n for _, _, _, offset, n in tensors), default=0)
+    if end > size:
+        raise CheckpointError(f"{path.name} is truncated: tensors end at byte {end}, file has {size}")
+    return GGUFHeader(fields, tensors)
+
+
+_VOCAB_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
+
+
+def metadata(source: gguf.GGUFReader | GGUFHeader) -> dict[str, Any]:
     """Scalar and array fields as Python values; the big tokenizer arrays are left to the tokenizer."""
+    if isinstance(source, GGUFHeader):
+        return {(f"{k}_count" if k in _VOCAB_ARRAYS else k): (len(v) if k in _VOCAB_ARRAYS else v)
+                for k, v in source.fields.items()}
     out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+    for key, field in source.fields.items():
+        if key in _VOCAB_ARRAYS:
             out[f"{key}_count"] = len(field.data)
             continue
         try:
@@ -265,9 +387,9 @@ class GGUFIndex:
             return torch.frombuffer(view, dtype=torch.uint8)
 
     @cached_property
-    def reader(self):
-        """The full gguf reader, parsed only when something needs the raw fields (e.g. the vocabulary)."""
-        return open_gguf(self.path)
+    def fields(self) -> dict[str, Any]:
+        """Every metadata field, the vocabulary too, parsed only when something needs it (the tokenizer)."""
+        return read_header(self.path).fields
 
     @classmethod
     def load(cls, path: str | Path, cache_dir: Path | None = None) -> GGUFIndex:
@@ -283,12 +405,8 @@ class GGUFIndex:
         if hit is not None:
             raw = json.loads(hit)
         else:
-            reader = open_gguf(path)
-            raw = {
-                "metadata": _jsonable(metadata(reader)),
-                "tensors": [[t.name, int(t.tensor_type), [int(d) for d in t.shape], int(t.data_offset),
-                             int(t.n_bytes)] for t in reader.tensors],
-            }
+            header = read_header(path)
+            raw = {"metadata": _jsonable(metadata(header)), "tensors": [list(t) for t in header.tensors]}
             if cached is not None:
                 cache.write(cached, json.dumps(raw).encode())
         tensors = [TensorEntry(n, gguf.GGMLQuantizationType(t), s, o, b, path) for n, t, s, o, b in raw["tensors"]]
