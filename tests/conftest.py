@@ -70,6 +70,54 @@ def write_series(
     return paths
 
 
+PATCH = 896  # medgem.inputs.wsi.PATCH, the notebook's patch side
+
+
+def write_slide(path: Path, tissue: bool = True, mpp: float | None = 0.5, side: int = 4 * PATCH):
+    """A 3-level tiled pyramidal TIFF (downsamples 1, 2, 4), white glass with a pink-purple stained band
+    over the left half of the top half when `tissue`; resolution tags give `mpp` microns per pixel.
+    Returns level 0's pixels."""
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    level0 = np.full((side, side, 3), 242, dtype=np.uint8)
+    if tissue:
+        band = np.array([200, 110, 170]) + rng.integers(-25, 25, (side // 2, side // 2, 3))
+        level0[: side // 2, : side // 2] = np.clip(band, 0, 255)
+    resolution = {} if mpp is None else {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
+    with tifffile.TiffWriter(path, bigtiff=False) as tif:
+        for step in (1, 2, 4):
+            level = np.asarray(Image.fromarray(level0).resize((side // step, side // step), Image.Resampling.BOX))
+            tif.write(level, tile=(256, 256), photometric="rgb", compression="zlib",
+                      **({} if step > 1 or mpp is None else resolution),
+                      subfiletype=0 if step == 1 else 1)
+    return level0
+
+
+def dicomize(slide: Path, folder: Path) -> list[Path]:
+    """The slide converted to DICOM WSI by wsidicomizer (read through tiffslide, a TIFF reader other than
+    OpenSlide; JPEG-LS lossless frames, so the pixels survive exactly); the files written, one per level."""
+    from wsidicom.codec import JpegLsSettings
+    from wsidicomizer import WsiDicomizer
+    from wsidicomizer.wsidicomizer import SourceIdentifier
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = WsiDicomizer.convert(slide, folder, encoding=JpegLsSettings(level=0), include_label=False,
+                                 include_overview=False, include_thumbnail=False,
+                                 preferred_source=SourceIdentifier.TIFFSLIDE, workers=1)
+    return [Path(f) for f in files]
+
+
+@pytest.fixture(scope="session")
+def slide_writer():
+    """.tiff(path, tissue=True, mpp=0.5, side=4*896): a pyramidal TIFF; .dicom(tiff, folder): it as DICOM WSI."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(tiff=write_slide, dicom=dicomize)
+
+
 @pytest.fixture(scope="session")
 def gemma3_chat_template() -> str:
     """The Gemma 3 chat template that published checkpoints ship (rendered by transformers' Jinja)."""
