@@ -99,14 +99,19 @@ def write_slide(path: Path, tissue: bool = True, mpp: float | None = 0.5, side: 
 def dicomize(slide: Path, folder: Path) -> list[Path]:
     """The slide converted to DICOM WSI by wsidicomizer (read through tiffslide, a TIFF reader other than
     OpenSlide; JPEG-LS lossless frames, so the pixels survive exactly); the files written, one per level."""
+    from pydicom import config
     from wsidicom.codec import JpegLsSettings
     from wsidicomizer import WsiDicomizer
     from wsidicomizer.wsidicomizer import SourceIdentifier
 
     folder.mkdir(parents=True, exist_ok=True)
-    files = WsiDicomizer.convert(slide, folder, encoding=JpegLsSettings(level=0), include_label=False,
-                                 include_overview=False, include_thumbnail=False,
-                                 preferred_source=SourceIdentifier.TIFFSLIDE, workers=1)
+    config.future_behavior(True)  # what importing wsidicomizer sets for the whole process ...
+    try:
+        files = WsiDicomizer.convert(slide, folder, encoding=JpegLsSettings(level=0), include_label=False,
+                                     include_overview=False, include_thumbnail=False,
+                                     preferred_source=SourceIdentifier.TIFFSLIDE, workers=1)
+    finally:
+        config.future_behavior(False)  # ... undone, or every later `ds.pixel_array` in the run fails
     return [Path(f) for f in files]
 
 

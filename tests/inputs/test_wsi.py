@@ -116,7 +116,7 @@ def test_wsi_recipe_layout(ten_x):
     assert text == {"type": "text", "text": WSI_PROMPT + "\ncolon, biopsy:"}  # the notebook's prompt, then patches
     assert [p["type"] for p in patches] == ["image"] * 3 == ["image"] * prompt.images
     assert prompt.slide.tissue_patches == 4
-    with pytest.raises(InputError, match="needs a slide file, its tissue and its procedure"):
+    with pytest.raises(InputError, match="needs a slide file .or a DICOM WSI folder., its tissue"):
         build("wsi", source=ten_x, tissue="colon")
 
 

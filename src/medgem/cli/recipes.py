@@ -1,4 +1,4 @@
-"""`medgem chat --recipe ct|mri|longitudinal|localize`: MedGemma 1.5's input recipes on the command line.
+"""`medgem chat --recipe ct|mri|wsi|longitudinal|localize`: MedGemma 1.5's input recipes on the command line.
 
 The recipe builds the one user turn (processing/recipes.py); this face only maps flags to its sources,
 prints the volume's warnings, streams the answer (a thought trace never reaches it), and for localize
@@ -63,7 +63,7 @@ def check_recipe_args(args: argparse.Namespace) -> dict[str, Any]:
         sources["prior"], sources["current"] = given
     else:
         if len(args.image) != 1:
-            what = {"volume": "a series folder, multi-frame DICOM or NIfTI file", "slide": "a slide file"}.get(
+            what = {"volume": "a series folder, multi-frame DICOM or NIfTI file", "slide": "a slide file or a DICOM WSI folder"}.get(
                 spec.takes, "an image")
             raise InputError(f"--recipe {spec.name} takes one --image: {what}")
         sources["source"] = args.image[0]

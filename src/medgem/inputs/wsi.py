@@ -23,7 +23,9 @@ import math
 import os
 import random
 import stat
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,6 +152,16 @@ def _open(path: Path) -> _Slide:
     return _open_dicom(path, name) if is_dicom(head) else _open_openslide(path, name)
 
 
+@contextmanager
+def slide_file(data: bytes) -> Iterator[Path]:
+    """An uploaded single-file slide (.svs, .ndpi, pyramidal TIFF: OpenSlide tells them by content) in a
+    temporary file, removed afterwards; a DICOM WSI upload goes through volume.series_folder instead."""
+    with tempfile.TemporaryDirectory(prefix="medgem-slide-") as tmp:
+        path = Path(tmp) / "slide.tiff"
+        path.write_bytes(data)
+        yield path
+
+
 def nearest_level(mpp0: float, downsamples: list[float], target: float = MPP_10X) -> int:
     """The level whose microns per pixel is nearest `target` (ratio, not difference: 0.5 and 2 tie)."""
     return min(range(len(downsamples)), key=lambda i: abs(math.log(mpp0 * downsamples[i] / target)))
@@ -181,9 +193,11 @@ def _mask_image(slide: _Slide) -> Image.Image:
     return out
 
 
-def load_patches(path: str | os.PathLike[str], max_patches: int = MAX_PATCHES, seed: int = 0) -> SlidePatches:
+def load_patches(path: str | os.PathLike[str], max_patches: int = MAX_PATCHES, seed: int = 0,
+                 budget: Callable[[int], None] | None = None) -> SlidePatches:
     """A slide's tissue patches at ~10x (see the module docstring); InputError for an unreadable slide,
-    one without microns per pixel, one with no tissue, or a damaged level."""
+    one without microns per pixel, one with no tissue, or a damaged level. `budget(n_patches)` runs once
+    the patches are chosen, before any is read, and may refuse."""
     path = Path(path)
     name = source_name(path)
     if max_patches < 1:
@@ -203,6 +217,8 @@ def load_patches(path: str | os.PathLike[str], max_patches: int = MAX_PATCHES, s
                 raise InputError(f"{name}: no tissue found (no {PATCH} px patch at ~10x is at least "
                                  f"{TISSUE_FRACTION:.0%} stained tissue)")
             chosen = sorted(random.Random(seed).sample(cells, k=min(max_patches, len(cells))))
+            if budget:
+                budget(len(chosen))
             images = [slide.read(level, col * PATCH, row * PATCH, PATCH, PATCH) for row, col in chosen]
         except slide.read_errors as exc:
             raise InputError(f"{name}: the slide is truncated or corrupt ({type(exc).__name__})") from None
