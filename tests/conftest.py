@@ -292,7 +292,7 @@ def rss():
 
 @pytest.fixture(scope="session")
 def scripted_pipe(real_pipe):
-    """scripted_pipe(prompt, reply): a real Pipeline (the embedded tokenizer and config, the real engine,
+    """scripted_pipe(prompt, reply, like=None): a real Pipeline (the embedded tokenizer and config, the real engine,
     scheduler and server code) whose model answers `prompt` with exactly `reply`'s tokens, then
     <end_of_turn>: a model forced to write what a test needs, e.g. MedGemma 1.5's unasked thought."""
     import torch
@@ -321,9 +321,15 @@ def scripted_pipe(real_pipe):
             out.scatter_(-1, torch.tensor(self.script)[steps][..., None], 1e4)
             return out
 
-    def make(prompt, reply: str) -> Pipeline:
+    def make(prompt, reply: str, like: Pipeline | None = None) -> Pipeline:
+        """`like`: a multimodal pipeline with the same tokenizer whose processor and vision path (the real
+        prepare_embeds) the scripted model takes on, so that image prompts travel the real way."""
         script = tokenizer.encode(reply, add_bos=False) + [tokenizer.end_of_turn_id]
-        length = len(real_pipe.prompt_ids(prompt))
-        return Pipeline(ScriptedLM(script, length), tokenizer, real_pipe.config, "scripted")
+        if like is None:
+            return Pipeline(ScriptedLM(script, len(real_pipe.prompt_ids(prompt))), tokenizer, real_pipe.config,
+                            "scripted")
+        model = ScriptedLM(script, len(like.prompt_inputs(prompt)[0]))
+        model.config, model.prepare_embeds = like.model.config, like.model.prepare_embeds
+        return Pipeline(model, tokenizer, like.config, "scripted", processor=like.processor)
 
     return make
