@@ -115,12 +115,25 @@ def dicomize(slide: Path, folder: Path) -> list[Path]:
     return [Path(f) for f in files]
 
 
+def corrupt_level(path: Path, page: int) -> None:
+    """Overwrite every tile of one level (TIFF page) of a slide with bytes that do not inflate."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        tiles = list(zip(tif.pages[page].dataoffsets, tif.pages[page].databytecounts, strict=True))
+    with open(path, "r+b") as f:
+        for offset, count in tiles:
+            f.seek(offset)
+            f.write(b"\xff" * count)
+
+
 @pytest.fixture(scope="session")
 def slide_writer():
-    """.tiff(path, tissue=True, mpp=0.5, side=4*896): a pyramidal TIFF; .dicom(tiff, folder): it as DICOM WSI."""
+    """.tiff(path, tissue=True, mpp=0.5, side=4*896): a pyramidal TIFF; .dicom(tiff, folder): it as DICOM WSI;
+    .corrupt(tiff, page): one level's tiles overwritten."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(tiff=write_slide, dicom=dicomize)
+    return SimpleNamespace(tiff=write_slide, dicom=dicomize, corrupt=corrupt_level)
 
 
 @pytest.fixture(scope="session")

@@ -74,21 +74,11 @@ def test_nearest_level_and_mask():
     assert tissue_mask(glass)[:, :16].all() and not tissue_mask(glass)[:, 16:].any()
 
 
-def corrupt_level(path: Path, page: int) -> None:
-    """Overwrite every tile of one pyramid level with bytes that do not inflate."""
-    with tifffile.TiffFile(path) as tif:
-        tiles = list(zip(tif.pages[page].dataoffsets, tif.pages[page].databytecounts, strict=True))
-    with open(path, "r+b") as f:
-        for offset, count in tiles:
-            f.seek(offset)
-            f.write(b"\xff" * count)
-
-
 def test_bad_slides(tmp_path, slide_writer, ten_x_dicom):
     slide_writer.tiff(tmp_path / "blank.tiff", tissue=False, side=2 * PATCH)
     slide_writer.tiff(tmp_path / "no-mpp.tiff", mpp=None, side=2 * PATCH)
     slide_writer.tiff(tmp_path / "corrupt.tiff")
-    corrupt_level(tmp_path / "corrupt.tiff", 1)  # the 10x level
+    slide_writer.corrupt(tmp_path / "corrupt.tiff", 1)  # the 10x level
     (tmp_path / "junk.svs").write_bytes(b"not a slide" * 100)
     (tmp_path / "empty").mkdir()
     (tmp_path / "not-wsi").mkdir()
