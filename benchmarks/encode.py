@@ -7,7 +7,7 @@ CPU time (which other processes on a shared machine do not inflate) are reported
 cosine between each run's image features after MedGemma's projector (pool, RMSNorm, linear to the 4B's
 2560) and medgem fp32's, the features the decoder reads. Writes benchmarks/results/encode.json.
 
-    .venv/bin/python benchmarks/encode.py [--layers 27] [--repeats 3] [--warmup 1] [--dtypes float32,bfloat16] [--threads N]
+    .venv/bin/python benchmarks/encode.py [--layers 27] [--repeats 3] [--warmup 1] [--runs medgem:float32,transformers:bfloat16] [--threads N]
 
 Why both dtypes: bf16 halves the work only where the CPU multiplies bf16 natively (AVX512-BF16, AMX);
 elsewhere PyTorch emulates it, and the flags below say which case a run measured.
@@ -50,7 +50,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine and dtype")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (0: an 896 px image is already "
                         "seconds of large matmuls, so a warm-up changes little)")
-    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
+    parser.add_argument("--runs", default="medgem:float32,transformers:float32,medgem:bfloat16,transformers:bfloat16",
+                        help="comma-separated ENGINE:DTYPE (engines medgem, transformers; dtypes float32, bfloat16)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
 
@@ -66,15 +67,18 @@ def main() -> int:
     pixels = torch.rand(1, 3, cfg.image_size, cfg.image_size) * 2 - 1
 
     runners = {}
-    for name in args.dtypes.split(","):
+    for run_spec in args.runs.split(","):
+        engine, name = run_spec.split(":")
         dtype = resolve_dtype(name)
-        ours = SiglipVisionTower(cfg).eval()
-        ours.load_state_dict(reference.state_dict())
-        theirs = SiglipVisionModel(SiglipVisionConfig(**cfg.to_dict())).eval()
-        theirs.load_state_dict(reference.state_dict())
-        ours.to(dtype), theirs.to(dtype)
-        runners[f"medgem {name}"] = (ours, dtype)
-        runners[f"transformers {name}"] = (lambda p, m=theirs: m(pixel_values=p).last_hidden_state, dtype)
+        if engine == "medgem":
+            model = SiglipVisionTower(cfg).eval()
+            model.load_state_dict(reference.state_dict())
+            runners[f"medgem {name}"] = (model.to(dtype), dtype)
+        else:
+            twin = SiglipVisionModel(SiglipVisionConfig(**cfg.to_dict())).eval()
+            twin.load_state_dict(reference.state_dict())
+            twin.to(dtype)
+            runners[f"transformers {name}"] = (lambda p, m=twin: m(pixel_values=p).last_hidden_state, dtype)
     del reference
 
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
@@ -114,7 +118,7 @@ def main() -> int:
                     "python": platform.python_version(), "torch": torch.__version__,
                     "transformers": transformers.__version__},
         "command": f"benchmarks/encode.py --layers {args.layers} --repeats {args.repeats} --warmup {args.warmup} "
-                   f"--dtypes {args.dtypes} "
+                   f"--runs {args.runs} "
                    f"--threads {args.threads}",
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,10 @@ is noise). The series is synthetic: a real CT slice (pydicom's CT_small) at 120 
 
     python benchmarks/volume.py --slices 85 --dtype bfloat16 --quant int8 --new-tokens 16
 
-Writes benchmarks/results/volume.json.
+Writes benchmarks/results/volume.json. A smoke run of the same path at tiny shapes (a 28 px tower, a
+64-wide decoder with Gemma's vocabulary; seconds, not minutes), written to results/volume-tiny.json:
+
+    python benchmarks/volume.py --preset tiny --slices 6 --quant none --new-tokens 4
 """
 
 from __future__ import annotations
@@ -59,12 +62,16 @@ def main() -> int:
     parser.add_argument("--quant", default="int8", choices=["none", "int8", "int4"])
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--preset", default="4b", choices=["4b", "27b", "tiny"],
+                        help="model shapes: MULTIMODAL_PRESETS (So400m at 896 px), or tiny for a smoke run")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result JSON (default: results/volume.json, results/volume-<preset>.json for others)")
     args = parser.parse_args()
 
     import torch
 
     from medgem import threads
-    from medgem.config import MULTIMODAL_PRESETS
+    from medgem.config import MULTIMODAL_PRESETS, MultimodalConfig, tiny_text_config, tiny_vision_config
     from medgem.engine.quant import quantize_text_model
     from medgem.nn.medgemma import Gemma3Multimodal
     from medgem.pipeline import Pipeline
@@ -74,7 +81,9 @@ def main() -> int:
     from medgem.weights import embedded_gguf, gguf_reader, medgem_home
 
     threads.configure(args.threads)
-    cfg = MULTIMODAL_PRESETS["4b"]
+    cfg = MULTIMODAL_PRESETS.get(args.preset) or MultimodalConfig(
+        text=tiny_text_config(vocab_size=262_144, max_position_embeddings=8192), vision=tiny_vision_config(),
+        mm_tokens_per_image=4)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     start = time.perf_counter()
@@ -90,8 +99,9 @@ def main() -> int:
     model.eval()
     build_s = time.perf_counter() - start
     tokenizer = Tokenizer.from_gguf(gguf_reader.GGUFIndex.load(embedded_gguf()), medgem_home() / "tokenizers")
-    processor = MultimodalProcessor(tokenizer, ImageProcessor(), cfg.mm_tokens_per_image, cfg.image_token_id)
-    pipe = Pipeline(model, tokenizer, cfg.text, "random MedGemma 4B shapes", build_s, processor)
+    processor = MultimodalProcessor(tokenizer, ImageProcessor(size=cfg.vision.image_size), cfg.mm_tokens_per_image,
+                                    cfg.image_token_id)
+    pipe = Pipeline(model, tokenizer, cfg.text, f"random {args.preset} shapes", build_s, processor)
 
     with tempfile.TemporaryDirectory() as tmp:
         synthetic_series(Path(tmp), args.series_length)
@@ -110,14 +120,16 @@ def main() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {
         "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "preset": args.preset,
         "dtype": args.dtype, "quant": args.quant, "slices": prompt.images, "prompt_tokens": completion.prompt_tokens,
         "build_s": round(build_s, 1), "volume_s": round(volume_s, 2), "process_s": round(process_s, 2),
         "vision_s": round(vision_s, 1), "prefill_s": round(completion.prefill_seconds, 1),
         "decode_s": round(completion.decode_seconds, 2), "new_tokens": completion.completion_tokens,
         "decode_tok_s": round(completion.decode_tok_per_s, 2), "peak_rss_mb": round(peak),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "volume.json").write_text(json.dumps(result, indent=2) + "\n")
+    out = args.out or RESULTS / ("volume.json" if args.preset == "4b" else f"volume-{args.preset}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     json.dump(result, sys.stdout, indent=2)
     print()
     return 0

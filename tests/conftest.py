@@ -70,6 +70,72 @@ def write_series(
     return paths
 
 
+PATCH = 896  # medgem.inputs.wsi.PATCH, the notebook's patch side
+
+
+def write_slide(path: Path, tissue: bool = True, mpp: float | None = 0.5, side: int = 4 * PATCH):
+    """A 3-level tiled pyramidal TIFF (downsamples 1, 2, 4), white glass with a pink-purple stained band
+    over the left half of the top half when `tissue`; resolution tags give `mpp` microns per pixel.
+    Returns level 0's pixels."""
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    level0 = np.full((side, side, 3), 242, dtype=np.uint8)
+    if tissue:
+        band = np.array([200, 110, 170]) + rng.integers(-25, 25, (side // 2, side // 2, 3))
+        level0[: side // 2, : side // 2] = np.clip(band, 0, 255)
+    resolution = {} if mpp is None else {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
+    with tifffile.TiffWriter(path, bigtiff=False) as tif:
+        for step in (1, 2, 4):
+            level = np.asarray(Image.fromarray(level0).resize((side // step, side // step), Image.Resampling.BOX))
+            tif.write(level, tile=(256, 256), photometric="rgb", compression="zlib",
+                      **({} if step > 1 or mpp is None else resolution),
+                      subfiletype=0 if step == 1 else 1)
+    return level0
+
+
+def dicomize(slide: Path, folder: Path) -> list[Path]:
+    """The slide converted to DICOM WSI by wsidicomizer (read through tiffslide, a TIFF reader other than
+    OpenSlide; JPEG-LS lossless frames, so the pixels survive exactly); the files written, one per level."""
+    from pydicom import config
+    from wsidicom.codec import JpegLsSettings
+    from wsidicomizer import WsiDicomizer
+    from wsidicomizer.wsidicomizer import SourceIdentifier
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config.future_behavior(True)  # what importing wsidicomizer sets for the whole process ...
+    try:
+        files = WsiDicomizer.convert(slide, folder, encoding=JpegLsSettings(level=0), include_label=False,
+                                     include_overview=False, include_thumbnail=False,
+                                     preferred_source=SourceIdentifier.TIFFSLIDE, workers=1)
+    finally:
+        config.future_behavior(False)  # ... undone, or every later `ds.pixel_array` in the run fails
+    return [Path(f) for f in files]
+
+
+def corrupt_level(path: Path, page: int) -> None:
+    """Overwrite every tile of one level (TIFF page) of a slide with bytes that do not inflate."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        tiles = list(zip(tif.pages[page].dataoffsets, tif.pages[page].databytecounts, strict=True))
+    with open(path, "r+b") as f:
+        for offset, count in tiles:
+            f.seek(offset)
+            f.write(b"\xff" * count)
+
+
+@pytest.fixture(scope="session")
+def slide_writer():
+    """.tiff(path, tissue=True, mpp=0.5, side=4*896): a pyramidal TIFF; .dicom(tiff, folder): it as DICOM WSI;
+    .corrupt(tiff, page): one level's tiles overwritten."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(tiff=write_slide, dicom=dicomize, corrupt=corrupt_level)
+
+
 @pytest.fixture(scope="session")
 def gemma3_chat_template() -> str:
     """The Gemma 3 chat template that published checkpoints ship (rendered by transformers' Jinja)."""
@@ -239,7 +305,7 @@ def rss():
 
 @pytest.fixture(scope="session")
 def scripted_pipe(real_pipe):
-    """scripted_pipe(prompt, reply): a real Pipeline (the embedded tokenizer and config, the real engine,
+    """scripted_pipe(prompt, reply, like=None): a real Pipeline (the embedded tokenizer and config, the real engine,
     scheduler and server code) whose model answers `prompt` with exactly `reply`'s tokens, then
     <end_of_turn>: a model forced to write what a test needs, e.g. MedGemma 1.5's unasked thought."""
     import torch
@@ -268,9 +334,15 @@ def scripted_pipe(real_pipe):
             out.scatter_(-1, torch.tensor(self.script)[steps][..., None], 1e4)
             return out
 
-    def make(prompt, reply: str) -> Pipeline:
+    def make(prompt, reply: str, like: Pipeline | None = None) -> Pipeline:
+        """`like`: a multimodal pipeline with the same tokenizer whose processor and vision path (the real
+        prepare_embeds) the scripted model takes on, so that image prompts travel the real way."""
         script = tokenizer.encode(reply, add_bos=False) + [tokenizer.end_of_turn_id]
-        length = len(real_pipe.prompt_ids(prompt))
-        return Pipeline(ScriptedLM(script, length), tokenizer, real_pipe.config, "scripted")
+        if like is None:
+            return Pipeline(ScriptedLM(script, len(real_pipe.prompt_ids(prompt))), tokenizer, real_pipe.config,
+                            "scripted")
+        model = ScriptedLM(script, len(like.prompt_inputs(prompt)[0]))
+        model.config, model.prepare_embeds = like.model.config, like.model.prepare_embeds
+        return Pipeline(model, tokenizer, like.config, "scripted", processor=like.processor)
 
     return make

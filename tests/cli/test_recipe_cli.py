@@ -92,6 +92,33 @@ def test_bad_recipe_flags_fail_before_the_model_loads(cli, ct6, tmp_path):
         one_error(*cli("chat", "--model", missing, *argv)[::2], needle)
 
 
+def test_bad_inputs_are_one_line_errors_through_the_cli(cli, tiny_medgemma, series_writer, slide_writer, tmp_path):
+    """Acceptance 7 on the command line: a folder with no images, mixed series, a slide with no tissue and a
+    slide with a corrupt level each end in one error line (exit 2), never a traceback. (A box answer with
+    no JSON is an empty result: test_chat_localize_writes_the_overlay_and_reports_no_boxes.)"""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for seed in (0, 1):  # two series, each with its own SeriesInstanceUID, in one folder
+        (tmp_path / f"s{seed}").mkdir()
+        for k, path in series_writer(tmp_path / f"s{seed}", 3, seed=seed).items():
+            path.rename(mixed / f"s{seed}-{k}")
+    slide_writer.tiff(tmp_path / "blank.tiff", tissue=False, side=1792)
+    slide_writer.tiff(tmp_path / "corrupt.tiff", mpp=1.0, side=1792)
+    slide_writer.corrupt(tmp_path / "corrupt.tiff", 0)  # the 10x level
+    model = ["--model", str(tiny_medgemma), "--dtype", "float32", "--max-new-tokens", "2"]
+    wsi = ["--recipe", "wsi", "--tissue", "colon", "--procedure", "biopsy"]
+    for argv, needle in [
+        (["--recipe", "ct", "--image", str(empty), "Findings?"], "holds no DICOM image files"),
+        (["--recipe", "ct", "--image", str(mixed), "Findings?"], "mixes 2 series"),
+        ([*wsi, "--image", str(tmp_path / "blank.tiff")], "no tissue found"),
+        ([*wsi, "--image", str(tmp_path / "corrupt.tiff")], "truncated or corrupt"),
+    ]:
+        one_error(*cli("chat", *model, *argv)[::2], needle)
+
+
 def test_dicom_preview_recipe_sheet(cli, ct6, tmp_path):
     code, out, err = cli("dicom", "preview", str(ct6), "--recipe", "ct", "-o", str(tmp_path / "sheet.png"))
     assert code == 0, err

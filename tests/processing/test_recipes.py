@@ -101,6 +101,54 @@ def test_a_recipe_too_big_for_the_context_is_refused_before_decoding(tmp_path, s
         pipe.recipe_prompt("ct", QUESTION, source=tmp_path, max_slices=2, max_new_tokens=8)
 
 
+def test_a_recipe_needing_more_memory_than_available_is_refused_before_decoding(tmp_path, series_writer, tiny_pipe,
+                                                                                 monkeypatch):
+    from medgem.engine.cache import KVCache
+    from medgem.pipeline import available_memory
+
+    paths = series_writer(tmp_path, 3)
+    for path in paths.values():  # decoding any slice would fail: the refusal comes first
+        path.write_bytes(path.read_bytes()[:-4000])
+    room, source = available_memory()
+    assert room > 0 and source  # the machine's own number (psutil / cgroup)
+    monkeypatch.setenv("MEDGEM_MEMORY_LIMIT", "64M")  # less than this test process already holds
+    with pytest.raises(InputError, match=r"needs about [0-9.]+ GB of memory beyond the [0-9.]+ GB of loaded weights "
+                       r"\(vision tower [0-9.]+ GB for 3 image\(s\), KV cache [0-9.]+ GB for [0-9,]+ tokens, prefill "
+                       r"[0-9.]+ GB\), more than the 0.00 GB left under MEDGEM_MEMORY_LIMIT") as info:
+        tiny_pipe.recipe_prompt("ct", QUESTION, source=tmp_path, max_new_tokens=8)
+    assert "\n" not in str(info.value)
+    monkeypatch.setenv("MEDGEM_MEMORY_LIMIT", "lots")
+    with pytest.raises(medgem.errors.ConfigError, match="not a size such as 8G"):
+        tiny_pipe.recipe_prompt("ct", QUESTION, source=tmp_path, max_new_tokens=8)
+    # The KV part is what the engine allocates, to the byte.
+    cache = KVCache(tiny_pipe.config, 1, 300)
+    allocated = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.k, layer.v, layer.pos,
+                                                                                       layer.groups))
+    assert tiny_pipe.memory_estimate(3, 300).kv_cache == allocated
+
+
+def test_memory_estimate_of_an_85_slice_ct_at_medgemma_4b_shapes():
+    """The numbers a 4B user would see (meta tensors: nothing allocated): weights 8.6 GB in bfloat16; the
+    85 slices cost a few GB, not 85 x the tower's activations, since the tower takes 8 images at a time."""
+    from medgem.nn.medgemma import Gemma3Multimodal
+    from medgem.pipeline import Pipeline
+    from medgem.processing.images import ImageProcessor
+
+    cfg = MULTIMODAL_PRESETS["4b"]
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            model = Gemma3Multimodal(cfg)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    pipe = Pipeline.__new__(Pipeline)
+    pipe.model, pipe.config = model, cfg.text
+    pipe.processor = MultimodalProcessor(None, ImageProcessor(), cfg.mm_tokens_per_image, cfg.image_token_id)
+    est = pipe.memory_estimate(85, 85 * 264 + 256)
+    assert 8.0e9 < est.weights < 9.0e9 and 1.0e9 < est.vision < 3.0e9 and 0.4e9 < est.kv_cache < 0.8e9
+    assert est.extra < 4e9
+
+
 def _dated_ct(path, date: str, offset: int) -> str:
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     ds = copy.deepcopy(ds)

@@ -6,10 +6,15 @@ from __future__ import annotations
 import base64
 import io
 import zipfile
+from dataclasses import replace
 
 import httpx
 import pytest
 from PIL import Image
+
+from medgem.serve.settings import ServeSettings
+
+from .conftest import TEST_LIMITS
 
 MODEL = "medgemma-tiny"
 
@@ -62,8 +67,8 @@ def test_localize_returns_boxes(serve, tiny_long):
 
 
 @pytest.mark.parametrize("fields, parts, needle", [
-    ({}, "zip", "needs \"recipe\": \"ct\" or \"mri\""),
-    ({"recipe": "localize"}, "zip", "for the ct and mri recipes"),
+    ({}, "zip", 'needs "recipe": "ct", "mri" or "wsi"'),
+    ({"recipe": "localize"}, "zip", "for the ct, mri and wsi recipes"),
     ({"recipe": "ct"}, "slices", "more than the"),
     ({"recipe": "mri"}, "slices", "needs a MR volume"),
     ({"recipe": "ct", "series": "1.2.3"}, "slices", "no series 1.2.3"),
@@ -80,3 +85,52 @@ def test_recipe_refusals(vision_server, slices, fields, parts, needle):
     reply = ask(vision_server, chosen, **fields)
     assert reply.status_code == 400, reply.text
     assert needle in reply.json()["error"]["message"]
+
+
+PATCH = 896
+
+
+@pytest.fixture(scope="module")
+def small_slide(tmp_path_factory, slide_writer):
+    """10x at level 0, 2 x 2 patches of which the top-left is stained."""
+    path = tmp_path_factory.mktemp("slide") / "slide.tiff"
+    slide_writer.tiff(path, mpp=1.0, side=2 * PATCH)
+    return path
+
+
+def test_wsi_slide_upload_as_tiff_or_dicom(vision_server, tiny_pipe, small_slide, slide_writer, tmp_path):
+    local = tiny_pipe.recipe_prompt("wsi", "Findings?", source=small_slide, tissue="colon", procedure="biopsy",
+                                    max_new_tokens=2)
+    expected = len(tiny_pipe.prompt_inputs(local.messages)[0])
+    assert local.images == 1
+    packed = io.BytesIO()
+    with zipfile.ZipFile(packed, "w") as zf:
+        for f in slide_writer.dicom(small_slide, tmp_path / "dicom"):
+            zf.write(f, f.name)
+    for part in (url("image/tiff", small_slide.read_bytes()), url("application/zip", packed.getvalue())):
+        reply = ask(vision_server, [part], recipe="wsi", tissue="colon", procedure="biopsy")
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["prompt_tokens"] == expected  # the same patch, the same prompt
+
+
+def test_wsi_refusals(vision_server, serve, tiny_pipe, small_slide, slide_writer, tmp_path):
+    slide_writer.tiff(tmp_path / "blank.tiff", tissue=False, mpp=1.0, side=PATCH)
+    tiff = url("image/tiff", small_slide.read_bytes())
+    for fields, parts, needle in [
+        ({"recipe": "wsi", "tissue": "colon"}, [tiff], "needs tissue and procedure"),
+        ({}, [tiff], 'needs "recipe": "wsi"'),
+        ({"recipe": "ct"}, [tiff], "for the wsi recipe"),
+        ({"recipe": "ct", "tissue": "colon"}, [tiff], "go with the wsi recipe"),
+        ({"recipe": "wsi", "tissue": "colon", "procedure": "biopsy", "series": "1.2"}, [tiff], "go with the ct and mri"),
+        ({"recipe": "wsi", "tissue": "colon", "procedure": "biopsy"},
+         [url("image/tiff", (tmp_path / "blank.tiff").read_bytes())], "no tissue found"),
+        ({"recipe": "wsi", "tissue": "colon", "procedure": "biopsy"}, [url("image/tiff", b"II*\0junk")],
+         "not a whole-slide image"),
+    ]:
+        reply = ask(vision_server, parts, **fields)
+        assert reply.status_code == 400, reply.text
+        assert needle in reply.json()["error"]["message"]
+    small = ServeSettings(model_name=MODEL, limits=replace(TEST_LIMITS, max_body_bytes=2**20))
+    with serve(tiny_pipe, small) as server:  # a slide past the body limit: refused before it is read
+        reply = ask(server, [tiff], recipe="wsi", tissue="colon", procedure="biopsy")
+        assert reply.status_code == 413 and "limit of 1 MiB" in reply.json()["error"]["message"]

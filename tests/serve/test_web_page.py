@@ -2,7 +2,8 @@
 the notice is visible, the embedded base model opens in completion mode (and says so) and continues a
 completion-style prompt with its greedy text, a chat question gets a streamed answer equal to the model's
 greedy answer, and the
-RG1_UNCR chest DICOM gets a de-identified preview, with the window choice reaching the server."""
+RG1_UNCR chest DICOM gets a de-identified preview, with the window choice reaching the server; the recipe
+picker uploads a CT series as several files, and localize's boxes are drawn over the image."""
 
 from __future__ import annotations
 
@@ -108,3 +109,62 @@ def test_chat_streams_and_dicom_preview(browser, text_server, real_pipe, chest_d
         darkest, brightest = png.convert("L").getextrema()
         assert png.size[0] >= 1000 and brightest - darkest > 100  # a rendered page, not a blank one
     print(f"screenshot: {shot}")
+
+
+def test_recipe_picker_and_localization_overlay(browser, serve, scripted_pipe, tiny_long, series_writer, tmp_path):
+    """The recipe picker shapes the upload (several files for a series, tissue and procedure for a slide), a
+    CT series goes as a ct recipe, and localize's boxes (message.boxes, in the image's pixels) are drawn over
+    the image where the model put them, on a non-square image."""
+    import medgem
+    from medgem.processing.recipes import build
+    from medgem.serve.settings import ServeSettings
+
+    Image.new("RGB", (200, 100), (70, 70, 70)).save(tmp_path / "cxr.png")
+    # x 20..120, y 10..60 of the 200 x 100 image = x 100..600, y 300..550 of the padded 0..1000 square
+    reply = 'Final Answer: ```json\n[{"box_2d": [300, 100, 550, 600], "label": "right clavicle"}]\n```'
+    prompt = build("localize", "right clavicle", source=str(tmp_path / "cxr.png")).messages
+    pipe = scripted_pipe(prompt, reply, like=medgem.load(tiny_long, dtype="float32"))  # a context for the prompt
+    wait = WebDriverWait(browser, 120, poll_frequency=0.05)
+    with serve(pipe, ServeSettings(model_name="scripted")) as url:
+        browser.get(url)
+        wait.until(lambda d: d.find_element(By.ID, "model").text == "scripted")
+        Select(browser.find_element(By.ID, "mode")).select_by_value("chat")
+        recipe = Select(browser.find_element(By.ID, "recipe"))
+        file_input = browser.find_element(By.ID, "file")
+
+        recipe.select_by_value("wsi")
+        assert browser.find_element(By.ID, "tissue").is_displayed() and file_input.get_attribute("multiple")
+        assert ".svs" in file_input.get_attribute("accept") and not browser.find_element(By.ID, "window").is_displayed()
+
+        recipe.select_by_value("ct")  # a series: several DICOM files in one upload
+        assert not browser.find_element(By.ID, "tissue").is_displayed()
+        assert "series" in browser.find_element(By.ID, "recipe-hint").text
+        (tmp_path / "ct").mkdir()
+        series = series_writer(tmp_path / "ct", 3)
+        file_input.send_keys("\n".join(str(p) for p in series.values()))
+        wait.until(lambda d: "3 file(s)" in d.find_element(By.ID, "files").text)
+        assert ask(browser, wait, "Any lesion?") and not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+        assert "[ct: 3 file(s)]" in browser.find_elements(By.CSS_SELECTOR, ".msg.user")[-1].text
+
+        recipe.select_by_value("localize")
+        assert not file_input.get_attribute("multiple")
+        file_input.send_keys(str(tmp_path / "cxr.png"))
+        wait.until(lambda d: d.find_element(By.ID, "preview").is_displayed())
+        ask(browser, wait, "right clavicle")
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .overlay .box"))
+        geometry = browser.execute_script("""
+            const figure = document.querySelector('.msg.assistant .overlay');
+            const img = figure.querySelector('img').getBoundingClientRect();
+            const box = figure.querySelector('.box').getBoundingClientRect();
+            return [img.width, img.height, (box.left - img.left) / img.width, (box.top - img.top) / img.height,
+                    box.width / img.width, box.height / img.height, figure.querySelector('.box span').textContent];
+        """)
+        width, height, *fractions, label = geometry
+        assert width == pytest.approx(2 * height, rel=0.02) and label == "right clavicle"
+        assert fractions == pytest.approx([0.10, 0.10, 0.50, 0.50], abs=0.02)  # the box where the model put it
+        assert "box(es) from the answer" in browser.find_element(By.CSS_SELECTOR, ".overlay figcaption").text
+        assert browser.find_element(By.ID, "notice").is_displayed() and NOTICE in browser.find_element(By.ID, "notice").text
+        browser.execute_script("document.querySelector('.msg.assistant .overlay').scrollIntoView()")
+        shot = tmp_path / "medgem-web-overlay.png"
+        assert browser.save_screenshot(str(shot))
+        print(f"screenshot: {shot}")

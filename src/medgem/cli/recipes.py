@@ -1,4 +1,4 @@
-"""`medgem chat --recipe ct|mri|longitudinal|localize`: MedGemma 1.5's input recipes on the command line.
+"""`medgem chat --recipe ct|mri|wsi|longitudinal|localize`: MedGemma 1.5's input recipes on the command line.
 
 The recipe builds the one user turn (processing/recipes.py); this face only maps flags to its sources,
 prints the volume's warnings, streams the answer (a thought trace never reaches it), and for localize
@@ -15,6 +15,8 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from medgem.errors import InputError
+from medgem.inputs.volume import load_volume
+from medgem.inputs.wsi import load_patches
 from medgem.processing.boxes import Box
 from medgem.processing.recipes import MAX_SLICES, RECIPES, recipe
 
@@ -63,7 +65,7 @@ def check_recipe_args(args: argparse.Namespace) -> dict[str, Any]:
         sources["prior"], sources["current"] = given
     else:
         if len(args.image) != 1:
-            what = {"volume": "a series folder, multi-frame DICOM or NIfTI file", "slide": "a slide file"}.get(
+            what = {"volume": "a series folder, multi-frame DICOM or NIfTI file", "slide": "a slide file or a DICOM WSI folder"}.get(
                 spec.takes, "an image")
             raise InputError(f"--recipe {spec.name} takes one --image: {what}")
         sources["source"] = args.image[0]
@@ -73,7 +75,28 @@ def check_recipe_args(args: argparse.Namespace) -> dict[str, Any]:
     if spec.takes == "slide":
         sources.update(tissue=args.tissue, procedure=args.procedure, max_slices=args.patches or spec.max_images,
                        patch_seed=args.seed or 0)
+    _preflight(spec.name, spec.takes, sources)
     return sources
+
+
+class _HeadersRead(Exception):
+    """Raised by _preflight's budget: the source was read up to its pixels without a problem."""
+
+
+def _preflight(name: str, takes: str, sources: dict[str, Any]) -> None:
+    """Read a series' headers or a slide's tissue mask before the model loads, so that an empty folder,
+    mixed series or a slide with no tissue fail in a second, not after a minute of loading a 4B model; the
+    budget (which needs the model) and the pixels wait for the real run."""
+    def stop(_: int) -> None:
+        raise _HeadersRead
+
+    try:
+        if takes == "volume":
+            load_volume(sources["source"], name, sources["max_slices"], sources["series"], budget=stop)
+        elif takes == "slide":
+            load_patches(sources["source"], sources["max_slices"], sources["patch_seed"], budget=stop)
+    except _HeadersRead:
+        pass
 
 
 def draw_boxes(image: Image.Image, boxes: list[Box], path: Path) -> None:

@@ -41,6 +41,13 @@ class KVCache:
             for sliding in self.sliding
         ]
 
+    @staticmethod
+    def bytes_needed(cfg: TextConfig, batch: int, max_len: int, dtype: torch.dtype = torch.float32) -> int:
+        """What `KVCache(cfg, batch, max_len, dtype)` allocates, without allocating it (budget checks)."""
+        item = torch.empty((), dtype=dtype).element_size()
+        per_slot = batch * (2 * cfg.num_key_value_heads * cfg.head_dim * item + 2 * 8)  # k, v; pos, groups
+        return sum(per_slot * (min(cfg.sliding_window, max_len) if t == SLIDING else max_len) for t in cfg.layer_types)
+
     @property
     def length(self) -> int:
         """Tokens stored per sequence (padding included)."""

@@ -22,6 +22,15 @@ from medgem.inputs.dicom import DEFAULT_SLICES, Window, source_name
 ImageSource = str | os.PathLike[str] | bytes | Image.Image
 
 
+def composite_on_white(image: Image.Image) -> Image.Image:
+    """Transparent pixels over a white background, as transformers' `convert_to_rgb` does; an image
+    without alpha is returned unchanged (its mode is handled by the image loader)."""
+    if "A" not in image.getbands() and image.info.get("transparency") is None:
+        return image
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Upright RGB: EXIF orientation applied (phone photos of slides), 16-bit/float scaled to 8 bits."""
     image = ImageOps.exif_transpose(image)

@@ -20,15 +20,6 @@ from PIL import Image
 from medgem.errors import ConfigError
 
 
-def composite_on_white(image: Image.Image) -> Image.Image:
-    """Transparent pixels over a white background, as transformers' `convert_to_rgb` does; an image
-    without alpha is returned unchanged (its mode is handled by the image loader)."""
-    if "A" not in image.getbands() and image.info.get("transparency") is None:
-        return image
-    rgba = image.convert("RGBA")
-    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-
-
 @dataclass
 class ImageProcessor:
     """Field names and defaults follow a MedGemma preprocessor_config.json (Gemma3ImageProcessor)."""

@@ -22,9 +22,9 @@ from PIL import Image
 
 from medgem.config import MultimodalConfig
 from medgem.errors import InputError
-from medgem.inputs.images import ImageSource, load_image
+from medgem.inputs.images import ImageSource, composite_on_white, load_image
 from medgem.nn.medgemma import image_groups
-from medgem.processing.images import ImageProcessor, composite_on_white
+from medgem.processing.images import ImageProcessor
 from medgem.processing.tokenizer import END_OF_IMAGE, START_OF_IMAGE, Tokenizer, render_chat
 
 PAN_AND_SCAN_INTRO = "Here is the original image "

@@ -77,7 +77,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "(DICOM dates decide which is prior)"),
     Recipe("localize", "image", 1, "an image padded to a square and the name of what to find; the answer's "
            "boxes are mapped back to the image's pixels"),
-    Recipe("wsi", "slide", 125, "a whole-slide image: the instruction with tissue and procedure, then up to 125 "
+    Recipe("wsi", "slide", 125, "a whole-slide image (OpenSlide file or DICOM WSI folder): the instruction with tissue and procedure, then up to 125 "
            "tissue patches of 896 px at ~10x in spatial order"),
 )}
 
@@ -177,10 +177,9 @@ def build(name: str, question: str | None = None, *, source: ImageSource | os.Pa
                             notes=list(volume.warnings))
     if spec.takes == "slide":
         if source is None or isinstance(source, bytes | Image.Image) or not tissue or not procedure:
-            raise InputError("the wsi recipe needs a slide file, its tissue and its procedure (e.g. colon, biopsy)")
-        if budget:  # at most this many: the budget holds whatever the slide gives
-            budget(min(spec.max_images, max_slices))
-        slide = load_patches(source, min(spec.max_images, max_slices), patch_seed)
+            raise InputError("the wsi recipe needs a slide file (or a DICOM WSI folder), its tissue and its procedure "
+                             "(e.g. colon, biopsy)")
+        slide = load_patches(source, min(spec.max_images, max_slices), patch_seed, budget=budget)
         text = f"{(question or '').strip() or WSI_PROMPT}\n{tissue.strip()}, {procedure.strip()}:"
         content = [{"type": "text", "text": text}, *({"type": "image", "image": p} for p in slide.images)]
         return RecipePrompt(name, [{"role": "user", "content": content}], len(slide.images), slide=slide)

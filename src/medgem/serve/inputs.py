@@ -1,7 +1,8 @@
 """OpenAI chat messages -> pipeline messages: image data URIs decoded, checked against the limits, rendered.
 
 An image arrives as `{"type": "image_url", "image_url": {"url": "data:<type>;base64,...", "window": ...}}`
-with type image/png, image/jpeg or application/dicom; URLs are never fetched. Every check runs
+with type image/png, image/jpeg or application/dicom (and, for the recipes, application/zip: a DICOM
+series or DICOM WSI; image/tiff: a whole-slide image); URLs are never fetched. Every check runs
 before the expensive step it guards: the image count before decoding anything, the pixel count from
 the header before decoding pixels. Errors name the message and part, never the content.
 """
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image, UnidentifiedImageError
 
 from medgem.errors import InputError
-from medgem.inputs import dicom, volume
+from medgem.inputs import dicom, volume, wsi
 from medgem.inputs.deid import safe_summary
 from medgem.inputs.images import load_image
 from medgem.processing import recipes
@@ -30,9 +31,11 @@ if TYPE_CHECKING:
     from medgem.pipeline import Pipeline
 
 DICOM_TYPE = "application/dicom"
-ZIP_TYPE = "application/zip"  # a DICOM series, for the ct and mri recipes
+ZIP_TYPE = "application/zip"  # a DICOM series (ct, mri recipes) or a DICOM WSI's level files (wsi)
+SLIDE_TYPE = "image/tiff"  # a whole-slide image OpenSlide reads (.svs, .ndpi, pyramidal TIFF), for the wsi recipe
 RASTER_TYPES = {"image/png": "image/png", "image/jpeg": "image/jpeg", "image/jpg": "image/jpeg"}
-SUPPORTED = "image/png, image/jpeg or application/dicom (application/zip: a series, with a ct or mri recipe)"
+SUPPORTED = ("image/png, image/jpeg or application/dicom (application/zip: a series, with a ct or mri recipe, or a "
+             "DICOM slide; image/tiff: a slide, with the wsi recipe)")
 
 
 @dataclass
@@ -53,7 +56,7 @@ def parse_data_url(url: str, where: str) -> tuple[str, bytes]:
                        code="invalid_image_url")
     media, *options = header[len("data:"):].split(";")
     media = media.strip().lower()
-    if media not in (DICOM_TYPE, ZIP_TYPE) and media not in RASTER_TYPES:
+    if media not in (DICOM_TYPE, ZIP_TYPE, SLIDE_TYPE) and media not in RASTER_TYPES:
         raise APIError(400, f"{where}: unsupported image type; send {SUPPORTED}", param=where,
                        code="unsupported_image_type")
     if "base64" not in options:
@@ -124,8 +127,11 @@ def chat_messages(messages: list[ChatMessage], limits: Limits) -> tuple[list[dic
     for where, part in images:
         media, data = parse_data_url(part.image_url.url, where)
         if media == ZIP_TYPE:
-            raise APIError(400, f"{where}: a zip holds a series, which needs \"recipe\": \"ct\" or \"mri\"",
-                           param=where, code="invalid_image")
+            raise APIError(400, f"{where}: a zip holds a DICOM series or slide, which needs \"recipe\": \"ct\", "
+                                "\"mri\" or \"wsi\"", param=where, code="invalid_image")
+        if media == SLIDE_TYPE:
+            raise APIError(400, f"{where}: a whole-slide image needs \"recipe\": \"wsi\"", param=where,
+                           code="invalid_image")
         decoded[id(part)] = decode_image(data, media, part.image_url.window, limits, where).image
     system, out = _system_text(messages), []
     for i, msg in enumerate(messages):
@@ -164,20 +170,24 @@ def _system_text(messages: list[ChatMessage]) -> str | None:
 def recipe_prompt(body: ChatRequest, pipe: Pipeline, limits: Limits, max_new_tokens: int) -> tuple[RecipePrompt, str | None]:
     """A recipe request -> (the recipe's messages, the system text).
 
-    One user message: its text parts are the question (for localize: what to find), its image parts the
-    sources. ct/mri: one zip of a series, or the series' DICOM files (or one multi-frame file) as
-    application/dicom parts, up to volume.MAX_ARCHIVE_FILES: the image limit is the recipe's, not the
-    server's. longitudinal: prior then current (DICOM dates decide); localize: one image. The budget
-    (image tokens + max_tokens against max_prompt_tokens + max_tokens) is checked before any slice decodes.
+    One user message: its text parts are the question (for localize: what to find; for wsi it replaces
+    the notebook's instruction), its image parts the sources. ct/mri: one zip of a series, or the
+    series' DICOM files (or one multi-frame file) as application/dicom parts, up to
+    volume.MAX_ARCHIVE_FILES: the image limit is the recipe's, not the server's. wsi: one image/tiff
+    slide, or a DICOM WSI as one zip or its level files, with `tissue` and `procedure`; the upload's
+    size is bounded by the body limit. longitudinal: prior then current (DICOM dates decide); localize:
+    one image. The budget (image tokens + max_tokens against max_prompt_tokens + max_tokens) is checked
+    before any slice or patch decodes.
     """
     spec = recipes.recipe(str(body.recipe))
     turns = [(i, m) for i, m in enumerate(body.messages) if m.role not in ("system", "developer")]
     if len(turns) != 1 or turns[0][1].role != "user" or isinstance(turns[0][1].content, str):
         raise APIError(400, f"a {spec.name} request has one user message whose content lists the text and the "
                             "image(s)", param="messages", code="invalid_message")
+    _check_recipe_fields(body, spec.takes)
     index, msg = turns[0]
     parts = image_parts([msg])
-    most = volume.MAX_ARCHIVE_FILES if spec.takes == "volume" else spec.max_images
+    most = volume.MAX_ARCHIVE_FILES if spec.takes in ("volume", "slide") else spec.max_images
     if not parts or len(parts) > most:
         raise APIError(400, f"the {spec.name} recipe takes {'1 to ' + str(most) if most > 1 else 'one'} image "
                             f"part(s); the request has {len(parts)}", param="messages", code="too_many_images")
@@ -185,23 +195,14 @@ def recipe_prompt(body: ChatRequest, pipe: Pipeline, limits: Limits, max_new_tok
     blobs = [parse_data_url(p.image_url.url, w) for w, (_, p) in zip(where, parts, strict=True)]
     question = " ".join(p.text for p in msg.content if not isinstance(p, ImagePart)).strip() or None
     context = limits.max_prompt_tokens + max_new_tokens
-    if spec.takes != "volume" and any(media == ZIP_TYPE for media, _ in blobs):
-        raise APIError(400, f"{where[0]}: a zip holds a series, for the ct and mri recipes", param=where[0],
-                       code="invalid_image")
-    if spec.takes == "volume":
-        zips = [data for media, data in blobs if media == ZIP_TYPE]
-        if (zips and len(blobs) > 1) or any(media in RASTER_TYPES for media, _ in blobs):
-            raise APIError(400, f"the {spec.name} recipe takes one application/zip part or application/dicom parts",
-                           param="messages", code="invalid_image")
-        with volume.series_folder(files=[d for _, d in blobs] if not zips else None,
-                                  archive=zips[0] if zips else None) as folder:
-            prompt = pipe.recipe_prompt(spec.name, question, max_new_tokens=max_new_tokens, context=context,
-                                        source=folder, series=body.series, max_slices=body.max_slices or
-                                        recipes.MAX_SLICES)
-        return prompt, _system_text(body.messages)
-    if body.series is not None or body.max_slices is not None:
-        raise APIError(400, "series and max_slices go with the ct and mri recipes", param="series",
-                       code="invalid_request")
+    if spec.takes != "slide" and any(media == SLIDE_TYPE for media, _ in blobs):
+        raise APIError(400, f"{where[0]}: an image/tiff part is a whole-slide image, for the wsi recipe",
+                       param=where[0], code="invalid_image")
+    if spec.takes not in ("volume", "slide") and any(media == ZIP_TYPE for media, _ in blobs):
+        raise APIError(400, f"{where[0]}: a zip holds a DICOM series or slide, for the ct, mri and wsi recipes",
+                       param=where[0], code="invalid_image")
+    if spec.takes in ("volume", "slide"):
+        return _file_recipe(body, spec, pipe, blobs, question, max_new_tokens, context), _system_text(body.messages)
     pipe.check_budget(spec.name, len(blobs), max_new_tokens, context)
     if spec.name == "longitudinal":
         if len(blobs) != 2:
@@ -221,3 +222,44 @@ def recipe_prompt(body: ChatRequest, pipe: Pipeline, limits: Limits, max_new_tok
         prompt = pipe.recipe_prompt(spec.name, question, max_new_tokens=max_new_tokens, context=context,
                                     source=image)
     return prompt, _system_text(body.messages)
+
+
+def _check_recipe_fields(body: ChatRequest, takes: str) -> None:
+    """The recipe fields that belong to other recipes are refused by name, not ignored."""
+    if takes != "volume" and (body.series is not None or body.max_slices is not None):
+        raise APIError(400, "series and max_slices go with the ct and mri recipes", param="series",
+                       code="invalid_request")
+    if takes != "slide" and (body.tissue is not None or body.procedure is not None or body.max_patches is not None):
+        raise APIError(400, "tissue, procedure and max_patches go with the wsi recipe", param="tissue",
+                       code="invalid_request")
+    if takes == "slide" and not ((body.tissue or "").strip() and (body.procedure or "").strip()):
+        raise APIError(400, "the wsi recipe needs tissue and procedure (e.g. \"tissue\": \"colon\", "
+                            "\"procedure\": \"biopsy\")", param="tissue", code="invalid_request")
+
+
+def _file_recipe(body: ChatRequest, spec: recipes.Recipe, pipe: Pipeline, blobs: list[tuple[str, bytes]],
+                 question: str | None, max_new_tokens: int, context: int) -> RecipePrompt:
+    """ct/mri/wsi: the upload written to a temporary file or folder, read there, and removed."""
+    zips = [data for media, data in blobs if media == ZIP_TYPE]
+    slides = [data for media, data in blobs if media == SLIDE_TYPE]
+    allowed = "one application/zip part or application/dicom parts"
+    if spec.takes == "slide":
+        allowed = "one image/tiff slide, one application/zip part (a DICOM slide) or a DICOM slide's application/dicom parts"
+    if ((zips or slides) and len(blobs) > 1) or any(media in RASTER_TYPES for media, _ in blobs):
+        raise APIError(400, f"the {spec.name} recipe takes {allowed}", param="messages", code="invalid_image")
+    if slides:
+        with wsi.slide_file(slides[0]) as path:
+            return _read_recipe(body, spec, pipe, path, question, max_new_tokens, context)
+    with volume.series_folder(files=[d for _, d in blobs] if not zips else None,
+                              archive=zips[0] if zips else None) as folder:
+        return _read_recipe(body, spec, pipe, folder, question, max_new_tokens, context)
+
+
+def _read_recipe(body: ChatRequest, spec: recipes.Recipe, pipe: Pipeline, source, question: str | None,
+                 max_new_tokens: int, context: int) -> RecipePrompt:
+    if spec.takes == "slide":
+        return pipe.recipe_prompt(spec.name, question, max_new_tokens=max_new_tokens, context=context, source=source,
+                                  tissue=body.tissue, procedure=body.procedure,
+                                  max_slices=body.max_patches or spec.max_images)
+    return pipe.recipe_prompt(spec.name, question, max_new_tokens=max_new_tokens, context=context, source=source,
+                              series=body.series, max_slices=body.max_slices or recipes.MAX_SLICES)

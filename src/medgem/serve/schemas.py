@@ -3,7 +3,8 @@
 Unknown fields are accepted and ignored, as clients send extras (`user`, `store`, `metadata`), except
 the features this server does not have (`UNSUPPORTED`), which are refused by name rather than
 silently ignored. medgem additions: `reasoning` (see serve/reasoning.py), `recipe` (with `series` and
-`max_slices`: MedGemma 1.5's input layouts, serve/inputs.py), `window` on an
+`max_slices` for ct/mri, `tissue`, `procedure` and `max_patches` for wsi: MedGemma 1.5's input layouts,
+serve/inputs.py), `window` on an
 `image_url` (the DICOM display window: a CT preset, "C/W", "minmax" or "auto"), `image_url`
 parts among the inputs of an embedding request (MedSigLIP embeds images and texts in one space), and
 vLLM's `structured_outputs` (`json`, `regex`, `choice`, `grammar`) on chat and completions.
@@ -159,9 +160,12 @@ class ChatRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     # MedGemma 1.5's input recipes (processing/recipes.py; serve/inputs.py recipe_prompt)
-    recipe: Literal["ct", "mri", "longitudinal", "localize"] | None = None
+    recipe: Literal["ct", "mri", "wsi", "longitudinal", "localize"] | None = None
     series: str | None = None  # ct/mri: the SeriesInstanceUID to read when the upload holds several
     max_slices: int | None = Field(None, ge=1)  # ct/mri: at most this many slices (default 85)
+    tissue: str | None = Field(None, max_length=200)  # wsi: e.g. "colon"
+    procedure: str | None = Field(None, max_length=200)  # wsi: e.g. "biopsy"
+    max_patches: int | None = Field(None, ge=1)  # wsi: at most this many patches (default 125)
 
 
 class CompletionRequest(SamplingFields):
