@@ -17,7 +17,7 @@ from medgem.errors import InputError
 from medgem.inputs.dicom import check_regular_file, source_name
 
 MAX_PAGES = 20  # lab reports run a few pages; a 500-page PDF is not one
-RENDER_SCALE = 2.0  # 144 dpi: an A4 page is 1190 x 1684 pixels, more than the 896 the vision tower reads
+RENDER_SCALE = 2.0  # 144 dpi: an A4 page is 1191 x 1684 pixels, more than the 896 the vision tower reads
 
 
 @dataclass
