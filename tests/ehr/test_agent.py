@@ -69,3 +69,14 @@ def test_deid_happens_before_the_tools(records, count_tokens):
     plain, private = RecordTools(record, count_tokens), RecordTools(deidentify(record, 3), count_tokens)
     assert plain.manifest() != private.manifest()  # dates shifted
     assert record.patient.birth_date not in private.manifest()
+
+
+def test_eval_refuses_the_agent_without_fhir_files(tmp_path):
+    from medgem.errors import InputError
+    from medgem.eval.runner import RunConfig
+    from medgem.eval.tasks import load_task
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps({"question": "q?", "answer": "yes", "answer_type": "yes_no", "context": "x"}) + "\n")
+    with pytest.raises(InputError, match="needs an EHR-QA set whose items name a 'bundle'"):
+        RunConfig(method="agent").validate(load_task("ehrqa", data))
