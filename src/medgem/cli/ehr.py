@@ -1,9 +1,11 @@
-"""`medgem ehr timeline|summarize|ask|synth`: FHIR records as timelines, summaries and answers.
+"""`medgem ehr timeline|summarize|ask|agent|extract|synth`: FHIR records as timelines, summaries and answers.
 
 timeline and summarize need no model. ask builds a context for the question under a token budget
 (counted with the model's own tokenizer) and completes a short answer; with --qa it answers a whole
-EHR-QA file in batches and reports exact-match accuracy. synth writes synthetic patients and their
-QA set. --deid removes identifiers and shifts dates before anything is rendered.
+EHR-QA file in batches and reports exact-match accuracy. agent answers by calling tools over the record
+instead (ehr/agent.py), showing each call and result. extract turns a lab report (text or PDF) into FHIR
+Observations. synth writes synthetic patients, their QA set and text lab reports. --deid removes
+identifiers and shifts dates before anything is rendered.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 from pathlib import Path
 
 from medgem import progress
-from medgem.cli.common import add_model_args, load_from_args, print_notice
+from medgem.cli.common import add_model_args, int_at_least, load_from_args, print_notice
 from medgem.errors import InputError
 from medgem.inputs.dicom import missing_path
 from medgem.inputs.text import check_depth, read_text
@@ -76,6 +78,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ask.add_argument("--show-context", action="store_true", help="print the prompt before the answer")
     add_model_args(ask)
     ask.set_defaults(func=run_ask)
+
+    agent = actions.add_parser(
+        "agent", help="answer a question by calling tools over the record (manifest, fetch by type)",
+        description="Answer a question about one patient the way an agent does: the model calls "
+        "get_manifest and fetch_resources (one resource type, filtered by code or date) over the local FHIR "
+        "data, each call constrained so it always parses, then answers. Each call and result is shown; "
+        "--transcript saves them. --deid de-identifies the record before any tool reads it.",
+    )  # fmt: skip
+    record_args(agent)
+    agent.add_argument("question", help="the question")
+    agent.add_argument("--max-steps", type=int_at_least(2), default=4,
+                       help="most model turns, the last of which must answer (default 4)")  # fmt: skip
+    agent.add_argument("--result-tokens", type=int_at_least(32), default=512,
+                       help="most tokens of one tool result (the most recent entries are kept)")  # fmt: skip
+    agent.add_argument("--answer-type", choices=["quantity", "date", "yes_no", "count"], default=None,
+                       help="answer format (default: guessed from the question)")  # fmt: skip
+    agent.add_argument("--transcript", type=Path, help="write the calls, results and messages to this JSON file")
+    add_model_args(agent)
+    agent.set_defaults(func=run_agent)
+
+    extract = actions.add_parser(
+        "extract", help="lab values in a report (text, PDF or page image) -> FHIR Observations",
+        description="Read a lab report and write its values as FHIR R4 Observation resources in a Bundle, "
+        "validated with fhir.resources. The model's answer is constrained to a JSON schema of lab values. A "
+        "multimodal model reads a PDF's rendered pages; a text-only one reads its text layer (and says so).",
+    )  # fmt: skip
+    extract.add_argument("report", type=Path, help="a text report, a PDF, or a PNG/JPEG page")
+    extract.add_argument("--out", type=Path, help="write the Bundle here (default: print it)")
+    extract.add_argument("--subject", default=None, help="reference for Observation.subject, e.g. Patient/123")
+    extract.add_argument("--max-new-tokens", type=int_at_least(16), default=768)
+    add_model_args(extract)
+    extract.set_defaults(func=run_extract)
 
     synth = actions.add_parser("synth", help="write synthetic FHIR patients and an EHR-QA set",
                                description="Write DIR/bundles/<id>.json (FHIR R4 Bundles), DIR/truth.jsonl "
@@ -184,6 +218,57 @@ def run_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_agent(args: argparse.Namespace) -> int:
+    from medgem.ehr import qa
+    from medgem.ehr.agent import RecordsAgent
+
+    print_notice()
+    record = _record(args)  # read, validated and (with --deid) de-identified before a model loads
+    pipe = load_from_args(args)
+    agent = RecordsAgent(pipe, max_steps=args.max_steps, result_tokens=args.result_tokens)
+
+    def show(step: int, call: dict) -> None:
+        lines = call["result"].splitlines()
+        more = f"\n   ... {len(lines) - 20} more lines" if len(lines) > 20 else ""
+        print(f"step {step}: {call['call']['name']} {json.dumps(call['call']['arguments'])}\n   "
+              + "\n   ".join(lines[:20]) + more, file=sys.stderr)
+
+    answer_type = args.answer_type or qa.infer_answer_type(args.question)
+    result = agent.ask(record, args.question, answer_type, on_step=show)  # the steps are the progress
+    if result.stopped != "answered":
+        print(f"(stopped: {result.stopped.replace('_', ' ')} after {len(result.steps)} tool calls)", file=sys.stderr)
+    if args.transcript is not None:
+        args.transcript.parent.mkdir(parents=True, exist_ok=True)
+        args.transcript.write_text(json.dumps(result.transcript(), indent=1))
+        print(f"transcript: {args.transcript}", file=sys.stderr)
+    print(qa.extract(result.answer, answer_type) or result.answer)
+    return 0
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    from medgem.ehr.extract import extract_labs
+    from medgem.inputs.documents import read_document
+
+    print_notice()
+    read_document(args.report, images=False)  # a missing, empty, page-less or unreadable file fails before a load
+    pipe = load_from_args(args)
+    with progress.step("reading the report"):
+        result = extract_labs(pipe, args.report, subject=args.subject, max_new_tokens=args.max_new_tokens)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    coded = sum("coding" in o["code"] for o in result.observations)
+    print(f"{len(result.observations)} observation(s) from the {result.source} ({coded} with a LOINC code)"
+          + ("" if result.observations else ": nothing written to FHIR but an empty Bundle"), file=sys.stderr)
+    text = json.dumps(result.bundle(), indent=1)
+    if args.out is None:
+        print(text)
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+        print(f"bundle: {args.out}", file=sys.stderr)
+    return 0
+
+
 def _read_qa(path: Path, limit: int | None) -> list[dict]:
     if not path.exists():
         raise InputError(f"--qa {missing_path(path)}: no such file")
@@ -257,5 +342,7 @@ def run_synth(args: argparse.Namespace) -> int:
     summary = write(args.out, args.patients, args.seed, progress=progress.enabled())
     print(json.dumps(summary))
     print(f"try: medgem ehr timeline {summary['first_bundle']}\n"
-          f"     medgem ehr ask {summary['first_bundle']} \"Most recent potassium?\"", file=sys.stderr)
+          f"     medgem ehr ask {summary['first_bundle']} \"Most recent potassium?\"\n"
+          f"     medgem ehr agent {summary['first_bundle']} \"Most recent potassium?\"\n"
+          f"     medgem ehr extract {summary['first_report']}", file=sys.stderr)
     return 0

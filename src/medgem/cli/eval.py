@@ -68,7 +68,12 @@ def _task_options(parser: argparse.ArgumentParser, task: str) -> None:
     if task == "classify":
         parser.add_argument("--threshold", type=float, default=0.5, help="classification decision threshold")
     if task == "ehrqa":
-        parser.add_argument("--budget", type=int, default=2048, help="prompt tokens for a record read from FHIR")
+        parser.add_argument("--budget", type=int, default=2048, help="prompt tokens for a record read from FHIR "
+                            "(with --method agent: split evenly over the tool results)")
+        parser.add_argument("--method", choices=["generate", "agent"], default="generate",
+                            help="answer from one budgeted context (as `medgem ehr ask`), or through the records "
+                            "agent's tool calls (as `medgem ehr agent`; transcripts in OUT/transcripts/)")
+        parser.add_argument("--agent-steps", type=int, default=4, help="most model turns per question (agent)")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -78,7 +83,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
     print_notice()
     task = load_task(args.eval_task, args.data)  # read (and validate) the data before loading a model
-    only = {k: getattr(args, k) for k in ("method", "threshold", "budget") if hasattr(args, k)}  # _task_options
+    only = {k: getattr(args, k) for k in ("method", "threshold", "budget", "agent_steps")
+            if hasattr(args, k)}  # _task_options
     cfg = RunConfig(
         model_name=args.model or "embedded", limit=args.limit, seed=args.seed,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, chat=args.chat,

@@ -444,6 +444,23 @@ def _questions(pid: str, facts: dict[str, Any], rng: random.Random) -> list[dict
     return out
 
 
+# --- lab reports -------------------------------------------------------------------------------
+
+
+def lab_report(facts: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    """The patient's latest lab panel as a plain-text report (what `medgem ehr extract` reads), and the
+    values it holds ({name, value, unit, low, high, date}), from the generator's facts."""
+    latest = max(r["date"] for results in facts["labs"].values() for r in results)
+    rows = [{"name": LABS[key].name, "value": r["value"], "unit": r["unit"], "low": LABS[key].low,
+             "high": LABS[key].high, "date": latest}
+            for key, results in facts["labs"].items() for r in results if r["date"] == latest]  # fmt: skip
+    lines = ["LABORATORY REPORT", "Specimen: serum", f"Collected: {latest}", "",
+             f"{'Test':<18}{'Result':>8}  {'Unit':<8}Reference range"]  # fmt: skip
+    lines += [f"{r['name']:<18}{r['value']:>8g}  {r['unit']:<8}{r['low']:g} - {r['high']:g}" for r in rows]
+    lines += ["", "Synthetic report written by medgem ehr synth; not a real patient."]
+    return "\n".join(lines) + "\n", rows
+
+
 # --- writing -----------------------------------------------------------------------------------
 
 
@@ -453,20 +470,26 @@ def generate(patients: int, seed: int, ref_style: str = "urn") -> list[Synthetic
 
 
 def write(out: str | Path, patients: int, seed: int, progress: bool = False) -> dict[str, Any]:
-    """Write bundles/<id>.json, truth.jsonl and qa.jsonl under `out`; return a summary."""
+    """Write bundles/<id>.json, reports/<id>.txt (the latest lab panel), truth.jsonl and qa.jsonl under `out`;
+    return a summary."""
     from tqdm import tqdm
 
     out = Path(out)
     (out / "bundles").mkdir(parents=True, exist_ok=True)
-    questions, first = 0, ""
+    (out / "reports").mkdir(exist_ok=True)
+    questions, first, first_report = 0, "", ""
     with (out / "qa.jsonl").open("w") as qa, (out / "truth.jsonl").open("w") as truth:
         for i in tqdm(range(patients), desc="synth", unit="patient", disable=not progress):
             p = make_patient(seed, i)
             path = f"bundles/{p.id}.json"
             (out / path).write_text(json.dumps(p.bundle, separators=(",", ":")))
+            report = out / "reports" / f"{p.id}.txt"
+            report.write_text(lab_report(p.facts)[0])
+            first_report = first_report or str(report)
             truth.write(json.dumps({"patient_id": p.id, "bundle": path, **p.facts}) + "\n")
             for item in p.qa:
                 qa.write(json.dumps({"bundle": path, **item}) + "\n")
             questions += len(p.qa)
             first = first or str(out / path)
-    return {"patients": patients, "questions": questions, "seed": seed, "out": str(out), "first_bundle": first}
+    return {"patients": patients, "questions": questions, "seed": seed, "out": str(out), "first_bundle": first,
+            "first_report": first_report}

@@ -9,7 +9,9 @@ is ignored and recomputed. When every item is done the file is rewritten with th
 The model is any object with `generate_batch(prompts, max_new_tokens=, temperature=, stop=, raw=)`
 (prompts are strings or message lists) and, for `method="loglik"`, `score(prompt, continuations)`
 (summed token log-probs of each continuation) plus `tokenizer.encode` (to count tokens). Log-likelihood
-is deterministic: no sampling and no answer parsing.
+is deterministic: no sampling and no answer parsing. `method="agent"` (EHR-QA on FHIR files) answers
+through the records agent (ehr/agent.py, which needs a medgem Pipeline), scores the answers exactly as
+`generate` does, and writes each question's tool transcript to `transcripts/<id>.json`.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ MAX_NEW_TOKENS = {"mcq": 16, "vqa": 32, "classify": 48, "report": 256, "ehrqa": 
 class RunConfig:
     """How to run; `settings()` is the part that decides model outputs and so must match on resume."""
 
-    method: str = "generate"  # or "loglik"
+    method: str = "generate"  # or "loglik", or "agent" (EHR-QA from FHIR files)
     model_name: str = "embedded"
     limit: int | None = None  # the first N items
     seed: int = 0  # bootstrap resampling
@@ -53,14 +55,20 @@ class RunConfig:
     n_boot: int = 1000
     threshold: float = 0.5  # classification decision threshold
     budget: int = 2048  # EHR-QA: prompt tokens for a record read from a FHIR file
+    agent_steps: int = 4  # EHR-QA agent: most model turns per question (the budget is split over the results)
     progress: bool = True
 
     def validate(self, task: Task) -> list[Item]:
         """The items to run, once every setting is checked (callers do it before loading a model)."""
-        if self.method not in ("generate", "loglik"):
-            raise InputError(f"--method must be generate or loglik, got {self.method!r}")
+        if self.method not in ("generate", "loglik", "agent"):
+            raise InputError(f"--method must be generate, loglik or agent, got {self.method!r}")
         if self.method == "loglik" and task.kind not in ("mcq", "classify"):
             raise InputError(f"--method loglik scores options; task '{task.name}' has none (use generate)")
+        if self.method == "agent" and (task.kind != "ehrqa" or not all(it.record for it in task.items)):
+            raise InputError("--method agent calls tools over FHIR files: it needs an EHR-QA set whose items "
+                             "name a 'bundle' (as `medgem ehr synth` writes)")
+        if self.method == "agent" and self.agent_steps < 2:
+            raise InputError(f"--agent-steps must be at least 2 (a call and an answer), got {self.agent_steps}")
         for flag, value in (("--limit", self.limit or 1), ("--batch-size", self.batch_size), ("--n-boot", self.n_boot)):
             if value < 1:
                 raise InputError(f"{flag} must be at least 1, got {value}")
@@ -73,6 +81,7 @@ class RunConfig:
             "task": task.name, "data_sha256": task.sha256(), "model": self.model_name, "method": self.method,
             "max_new_tokens": self.max_new_tokens or MAX_NEW_TOKENS[task.kind], "chat": self.chat,
             "prompt_version": prompts.PROMPT_VERSION, **({"budget": self.budget} if task.kind == "ehrqa" else {}),
+            **({"agent_steps": self.agent_steps} if self.method == "agent" else {}),
         }
 
 
@@ -166,6 +175,18 @@ def _generate(model: Any, task: Task, batch: list[Item], cfg: RunConfig, asker: 
     return [str(o) for o in outs]
 
 
+def _agent(agent: Any, batch: list[Item], out: Path) -> list[str]:
+    """The records agent's answers, with each question's transcript written next to the predictions."""
+    from medgem.ehr.agent import transcript_name
+
+    results = agent.ask_batch([(it.record, it.question, it.answer_type) for it in batch])
+    folder = out / "transcripts"
+    folder.mkdir(exist_ok=True)
+    for it, result in zip(batch, results, strict=True):
+        write_json(folder / transcript_name(it.id), {"id": it.id, **result.transcript()})
+    return [r.answer for r in results]
+
+
 def _scores_images(model: Any) -> bool:
     """Whether `score` takes messages (so images): a multimodal model whose score() is not typed `str`."""
     if not (getattr(model, "supports_images", False) and hasattr(model, "score")):
@@ -215,8 +236,12 @@ def evaluate(task: Task, model: Any, out_dir: str | Path, cfg: RunConfig | None 
     settings = cfg.settings(task)
     cache = PredictionCache(out, settings)
     todo = [it for it in items if it.id not in cache]
-    asker = None
-    if task.kind == "ehrqa" and any(it.record for it in todo):
+    asker = agent = None
+    if cfg.method == "agent" and todo:
+        from medgem.ehr.agent import RecordsAgent
+
+        agent = RecordsAgent(model, max_steps=cfg.agent_steps, result_tokens=cfg.budget // cfg.agent_steps)
+    elif task.kind == "ehrqa" and any(it.record for it in todo):
         from medgem.ehr.qa import Asker
 
         asker = Asker(lambda text: len(model.tokenizer.encode(text, add_bos=False)), cfg.budget)
@@ -226,7 +251,9 @@ def evaluate(task: Task, model: Any, out_dir: str | Path, cfg: RunConfig | None 
               disable=not cfg.progress) as bar:
         for start in range(0, len(todo), cfg.batch_size):
             batch = todo[start: start + cfg.batch_size]
-            if cfg.method == "generate":
+            if cfg.method == "agent":
+                raw = _agent(agent, batch, out)
+            elif cfg.method == "generate":
                 raw = _generate(model, task, batch, cfg, asker)
             else:
                 raw = [_loglik(model, task, it, cfg) for it in batch]

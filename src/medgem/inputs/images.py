@@ -90,7 +90,7 @@ def load_image(
         data = src if isinstance(src, bytes) else _read_bytes(src)
         if not data:
             raise InputError(f"{name}: the file is empty")
-        if dicom.is_dicom(data) or not _looks_like_raster(data):
+        if dicom.is_dicom(data) or not looks_like_raster(data):
             try:
                 return dicom.load_dicom(src, window=window, frame=frame, size=size)[0]
             except InputError:
@@ -105,7 +105,7 @@ def load_image(
     return image
 
 
-def _looks_like_raster(data: bytes) -> bool:
+def looks_like_raster(data: bytes) -> bool:
     """Whether Pillow recognises the format (header only; decoding errors are reported later)."""
     try:
         with Image.open(io.BytesIO(data)):
