@@ -100,6 +100,8 @@ def dicomize(slide: Path, folder: Path) -> list[Path]:
     """The slide converted to DICOM WSI by wsidicomizer (read through tiffslide, a TIFF reader other than
     OpenSlide; JPEG-LS lossless frames, so the pixels survive exactly); the files written, one per level."""
     from pydicom import config
+
+    modes = config.settings.reading_validation_mode, config.settings.writing_validation_mode
     from wsidicom.codec import JpegLsSettings
     from wsidicomizer import WsiDicomizer
     from wsidicomizer.wsidicomizer import SourceIdentifier
@@ -111,7 +113,10 @@ def dicomize(slide: Path, folder: Path) -> list[Path]:
                                      include_overview=False, include_thumbnail=False,
                                      preferred_source=SourceIdentifier.TIFFSLIDE, workers=1)
     finally:
-        config.future_behavior(False)  # ... undone, or every later `ds.pixel_array` in the run fails
+        # ... undone, or every later `ds.pixel_array` in the run fails; future mode also leaves pydicom
+        # raising on malformed values, which the DICOM tests expect to be warnings.
+        config.future_behavior(False)
+        config.settings.reading_validation_mode, config.settings.writing_validation_mode = modes
     return [Path(f) for f in files]
 
 
