@@ -79,7 +79,7 @@ CASES = [
     (["ehr", "ask", "--qa", "latin1.jsonl", "--out", "o.jsonl"], "latin1.jsonl: not UTF-8 text"),
     (["ehr", "ask", "--qa", "deep.jsonl", "--out", "o.jsonl"], "deep.jsonl line 1: JSON nested deeper"),
     (["eval", "medqa", "--data", "deep.jsonl", "--out", "ev"], "deep.jsonl:1: JSON nested deeper"),
-    (["eval", "medqa", "--data", "latin1.jsonl", "--out", "ev"], "latin1.jsonl: cannot read as UTF-8"),
+    (["eval", "medqa", "--data", "latin1.jsonl", "--out", "ev"], "latin1.jsonl: not UTF-8 text"),
     (["eval", "medqa", "--data", "pipe.json", "--out", "ev"], "pipe.json: not a regular file"),
     (["index", "info", "damaged"], "damaged: index.sqlite is damaged"),
 ]

@@ -67,5 +67,5 @@ def test_read_pairs_csv_jsonl_and_errors(tmp_path):
     (tmp_path / "c.jsonl").write_text("{not json\n")
     with pytest.raises(InputError, match="line 1"):
         read_pairs(tmp_path / "c.jsonl")
-    with pytest.raises(InputError, match="no such data file"):
+    with pytest.raises(InputError, match="missing.csv: no such file"):
         read_pairs(tmp_path / "missing.csv")

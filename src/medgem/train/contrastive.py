@@ -14,7 +14,6 @@ ends with the same weights as one that was never interrupted. The last step is s
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -28,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from medgem.errors import InputError
-from medgem.inputs.dicom import missing_path
+from medgem.inputs.text import jsonl_objects, read_csv, read_text
 from medgem.nn.siglip import sigmoid_loss
 from medgem.siglip import SiglipEncoder, load_siglip
 from medgem.weights.siglip import save_siglip
@@ -62,24 +61,13 @@ def _pick(row: dict, keys: tuple[str, ...], where: str) -> str:
 def read_pairs(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
     """(image path, caption) pairs from a CSV or JSONL file; paths resolved against the file's folder."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{missing_path(path)}: no such data file")
-    rows: list[dict] = []
     if path.suffix.lower() in (".jsonl", ".json"):
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise InputError(f"{path.name} line {number}: not valid JSON") from None
+        rows = [row for _, row in jsonl_objects(read_text(path), lambda n: f"{path.name} line {n}")]
     else:
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = read_csv(path)
     pairs = []
     for number, row in enumerate(rows, 1):
         where = f"{path.name} row {number}"
-        if not isinstance(row, dict):
-            raise InputError(f"{where}: expected an object with image and caption")
         image = Path(_pick(row, IMAGE_KEYS, where))
         pairs.append((str(image if image.is_absolute() else path.parent / image), _pick(row, CAPTION_KEYS, where)))
     if len(pairs) < 2:
