@@ -107,6 +107,23 @@ def _save(enc: SiglipEncoder, optimizer, step: int, cfg: ContrastiveConfig, sour
     partial.rename(target)
 
 
+def _trim_log(path: Path, step: int) -> None:
+    """Keep the whole log lines of steps up to `step` (where training restarts): a killed run leaves lines
+    past its last checkpoint, and maybe one cut short, which the resumed run would otherwise repeat."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(kept))
+    os.replace(partial, path)
+
+
 def train_contrastive(
     model: str | os.PathLike[str],
     data: str | os.PathLike[str],
@@ -137,6 +154,7 @@ def train_contrastive(
         start = state["step"]
         logger.info("resuming contrastive training at step %d", start)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg), last_epoch=start - 1)
+    _trim_log(out / "log.jsonl", start)
     cache: dict[str, torch.Tensor] = {}
 
     def pixels(paths: list[str]) -> torch.Tensor:
@@ -164,8 +182,11 @@ def train_contrastive(
             if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 log.flush()
                 _save(enc, optimizer, step + 1, cfg, source, out / f"checkpoint-{step + 1}")
-                for old in checkpoints(out)[: -cfg.keep_checkpoints]:
-                    shutil.rmtree(old, ignore_errors=True)
+                for old in checkpoints(out)[: -cfg.keep_checkpoints]:  # renamed first: no half-deleted
+                    doomed = old.with_name(old.name + ".partial")      # folder can pass for a checkpoint
+                    shutil.rmtree(doomed, ignore_errors=True)
+                    old.rename(doomed)
+                    shutil.rmtree(doomed, ignore_errors=True)
             if on_step is not None:
                 on_step(step + 1, loss.item())
     bar.close()
