@@ -18,6 +18,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -45,12 +46,16 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     port = free_port()
+    # The server's stderr (one access-log line per request) goes to a file: a pipe read only at the end
+    # fills after a few hundred requests and then blocks the server in write().
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - read and closed after the server stops
     server = subprocess.Popen([*MEDGEM, "serve", "--port", str(port), "--model-name", "medgemma-tiny",
                                "--max-tokens", "16", "--max-tokens-default", "4"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.DEVNULL, stderr=log, text=True)
     base = f"http://127.0.0.1:{port}"
     client = httpx.Client(base_url=base, timeout=120)
     failures: list[str] = []
+    dropped: list[str] = []  # requests whose connection closed without an HTTP answer
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -78,7 +83,7 @@ def main() -> int:
             try:
                 response = client.request(p.method, p.path, content=p.body, params=p.params, headers=headers)
             except httpx.TransportError as exc:
-                failures.append(f"{p.method} {p.path}: no answer ({type(exc).__name__})")
+                dropped.append(f"{p.method} {p.path}: no answer ({type(exc).__name__})")
                 return
             statuses[response.status_code] += 1
             routes[p.path] += 1
@@ -105,18 +110,23 @@ def main() -> int:
         client.close()
         server.terminate()
         try:
-            _, err = server.communicate(timeout=60)
+            server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
-            _, err = server.communicate()
+            server.wait()
+        log.seek(0)
+        err = log.read()
+        log.close()
+    failures += dropped
     tracebacks = err.count("Traceback")
     if tracebacks:
         failures.append(f"{tracebacks} traceback(s) on the server's stderr")
     result = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "command": " ".join(["benchmarks/fuzz.py", *sys.argv[1:]]),
-        "requests": sum(statuses.values()), "seconds": round(seconds, 1),
+        "requests": sum(statuses.values()) + len(dropped), "seconds": round(seconds, 1),
         "statuses": dict(sorted(statuses.items())), "routes": dict(routes),
+        "responses_5xx": sum(n for code, n in statuses.items() if code >= 500), "dropped_connections": len(dropped),
         "idle_rss_mb": round(idle), "peak_rss_sampled_mb": round(peak), "peak_rss_vmhwm_mb": round(hwm),
         "rss_curve_mb": [(n, round(r)) for n, r in curve], "server_tracebacks": tracebacks,
         "failures": failures[:50], "failure_count": len(failures),

@@ -84,7 +84,7 @@ def test_base_models_are_told_from_what_they_say(name, metadata, base):
         (["generate", "hi", "--model", "/no/such/model"], ["model not found", "/no/such/model"]),
         (["chat", "  "], ["question is empty"]),
         (["generate", "hi", "--regex", "(unclosed"], ["regex is invalid"]),
-        (["generate", "hi", "--json-schema", "/no/such/schema.json"], ["--json-schema", "cannot read"]),
+        (["generate", "hi", "--json-schema", "/no/such/schema.json"], ["/no/such/schema.json: no such file"]),
         (["generate", "hi", "--choice", " , "], ["choice needs"]),
     ],
 )

@@ -53,7 +53,7 @@ def corpus(tmp_path_factory, hostile) -> Path:
     root = tmp_path_factory.mktemp("corpus")
     os.mkfifo(root / "pipe.dcm")
     os.mkfifo(root / "pipe.json")
-    (root / "bomb.dcm").write_bytes(hostile.deflate_bomb(1000, 1000, 200))
+    (root / "bomb.dcm").write_bytes(hostile.deflate_bomb(1000, 1000, 200))  # refused once 96 MB have inflated
     (root / "huge.png").write_bytes(hostile.png_header(50_000, 50_000))
     deep = hostile.deep_json(100_000)
     (root / "deep.json").write_bytes(b'{"resourceType": "Bundle", "entry": [' + deep + b"]}")
@@ -76,10 +76,11 @@ CASES = [
     (["dicom", "preview", "ct.dcm", "--slices", "0", "-o", "o.png"], "--slices: must be at least 1"),
     (["ehr", "timeline", "deep.json"], "deep.json: JSON nested deeper than 64 levels"),
     (["ehr", "timeline", "pipe.json"], "pipe.json: not a regular file"),
+    (["ehr", "ask", "deep.json", "Latest potassium?"], "deep.json: JSON nested deeper than 64 levels"),
     (["ehr", "ask", "--qa", "latin1.jsonl", "--out", "o.jsonl"], "latin1.jsonl: not UTF-8 text"),
     (["ehr", "ask", "--qa", "deep.jsonl", "--out", "o.jsonl"], "deep.jsonl line 1: JSON nested deeper"),
     (["eval", "medqa", "--data", "deep.jsonl", "--out", "ev"], "deep.jsonl:1: JSON nested deeper"),
-    (["eval", "medqa", "--data", "latin1.jsonl", "--out", "ev"], "latin1.jsonl: cannot read as UTF-8"),
+    (["eval", "medqa", "--data", "latin1.jsonl", "--out", "ev"], "latin1.jsonl: not UTF-8 text"),
     (["eval", "medqa", "--data", "pipe.json", "--out", "ev"], "pipe.json: not a regular file"),
     (["index", "info", "damaged"], "damaged: index.sqlite is damaged"),
 ]

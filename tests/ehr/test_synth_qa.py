@@ -157,3 +157,38 @@ def test_cli_ask_batch_with_the_real_model(run_cli, synth_dir, tmp_path):
     assert len(rows) == 2 and summary["n"] == 2 and 0 <= summary["exact_match"] <= 1
     assert all(r["context_tokens"] <= 450 and isinstance(r["prediction"], str) for r in rows)
     assert set(summary["by_sex"]) <= {"female", "male"} and "by_kind" in summary
+
+
+def test_killed_synth_leaves_nothing_that_looks_complete(tmp_path, run_cli):
+    """SIGKILL `ehr synth` mid-run: every bundle on disk is whole JSON, no qa.jsonl or truth.jsonl is there
+    (they would look like a finished, smaller set), and a rerun into the same folder writes the whole set."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, patients = tmp_path / "synth", 30
+    command = [sys.executable, "-m", "medgem.cli", "ehr", "synth", "--patients", str(patients), "--out", str(out)]
+    process = subprocess.Popen(command, env={**os.environ, "MEDGEM_QUIET": "1"}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "bundles").is_dir() or len(os.listdir(out / "bundles")) < 3:
+        assert process.poll() is None and time.monotonic() < deadline, "synth ended before it could be killed"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "synth finished before it could be killed"
+    assert not (out / "qa.jsonl").exists() and not (out / "truth.jsonl").exists()
+    kept = sorted((out / "bundles").glob("*.json"))
+    assert 3 <= len(kept) < patients
+    for bundle in kept:
+        assert json.loads(bundle.read_text())["resourceType"] == "Bundle"
+
+    code, stdout, err = run_cli(*command[3:])  # the rerun, in-process
+    assert code == 0, err
+    truth = [json.loads(line) for line in (out / "truth.jsonl").read_text().splitlines()]
+    items = [json.loads(line) for line in (out / "qa.jsonl").read_text().splitlines()]
+    assert len(truth) == patients and {i["bundle"] for i in items} == {t["bundle"] for t in truth}
+    assert sorted(p.name for p in (out / "bundles").iterdir()) == sorted(t["bundle"][8:] for t in truth)
+    assert json.loads(stdout.splitlines()[0])["questions"] == len(items)

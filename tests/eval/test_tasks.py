@@ -152,5 +152,5 @@ def test_duplicate_ids_and_unknown_task(tmp_path, jsonl):
 def test_binary_file_is_an_input_error(tmp_path):
     path = tmp_path / "image.jsonl"
     path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
-    with pytest.raises(InputError, match=r"image\.jsonl: cannot read as UTF-8 text"):
+    with pytest.raises(InputError, match=r"image\.jsonl: not UTF-8 text"):
         load_task("medqa", path)

@@ -237,6 +237,14 @@ def test_colour_ultrasound_and_palette_files_render_in_colour(testfile, name):
         assert 3 < pixels.mean() < 250
 
 
+def test_palette_image_without_its_palette_is_an_input_error(testfile):
+    """Found by benchmarks/fuzz.py (3 answers of 500 in 5,000): pydicom's ValueError for a missing LUT."""
+    ds = read_dicom(testfile("CT_small.dcm"))
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    with pytest.raises(InputError, match="PALETTE COLOR image without a usable palette lookup table"):
+        dicom_to_images(ds)
+
+
 def test_16bit_rgb_is_scaled_not_clipped(testfile):
     eight = np.asarray(load_dicom(testfile("SC_rgb_2frame.dcm"), frame=0)[0]).astype(int)
     sixteen = np.asarray(load_dicom(testfile("SC_rgb_16bit_2frame.dcm"), frame=0)[0]).astype(int)

@@ -12,7 +12,7 @@ from medgem import progress
 from medgem.cli.common import WINDOW_HELP, add_model_args, load_from_args, print_notice
 from medgem.cli.recipes import add_recipe_args, check_recipe_args, run_recipe
 from medgem.errors import InputError
-from medgem.inputs.text import clean_text
+from medgem.inputs.text import check_depth, clean_text, read_text
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -46,11 +46,9 @@ def constraint_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     from medgem.engine.constraints import Constraint
 
     if args.json_schema:
-        path = Path(args.json_schema)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"--json-schema: cannot read {path} ({type(exc).__name__})") from None
+        name = f"--json-schema {Path(args.json_schema).name}"
+        text = read_text(args.json_schema, name)
+        check_depth(text, name)
         Constraint.json_schema(text).check()
         return {"json_schema": text}
     if args.regex is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import os
 import random
 import uuid
 from collections import Counter
@@ -471,25 +472,36 @@ def generate(patients: int, seed: int, ref_style: str = "urn") -> list[Synthetic
 
 def write(out: str | Path, patients: int, seed: int, progress: bool = False) -> dict[str, Any]:
     """Write bundles/<id>.json, reports/<id>.txt (the latest lab panel), truth.jsonl and qa.jsonl under `out`;
-    return a summary."""
+    return a summary.
+
+    Every file is written under a `.partial` name and renamed when whole, and the two JSONL files only
+    after every bundle: a killed run leaves no file that looks complete, and a rerun writes them all again.
+    """
     from tqdm import tqdm
 
     out = Path(out)
     (out / "bundles").mkdir(parents=True, exist_ok=True)
     (out / "reports").mkdir(exist_ok=True)
     questions, first, first_report = 0, "", ""
-    with (out / "qa.jsonl").open("w") as qa, (out / "truth.jsonl").open("w") as truth:
+    qa_path, truth_path = out / "qa.jsonl.partial", out / "truth.jsonl.partial"
+    with qa_path.open("w") as qa, truth_path.open("w") as truth:
         for i in tqdm(range(patients), desc="synth", unit="patient", disable=not progress):
             p = make_patient(seed, i)
             path = f"bundles/{p.id}.json"
-            (out / path).write_text(json.dumps(p.bundle, separators=(",", ":")))
+            partial = out / (path + ".partial")
+            partial.write_text(json.dumps(p.bundle, separators=(",", ":")))
+            os.replace(partial, out / path)
             report = out / "reports" / f"{p.id}.txt"
-            report.write_text(lab_report(p.facts)[0])
+            partial = report.with_name(report.name + ".partial")
+            partial.write_text(lab_report(p.facts)[0])
+            os.replace(partial, report)
             first_report = first_report or str(report)
             truth.write(json.dumps({"patient_id": p.id, "bundle": path, **p.facts}) + "\n")
             for item in p.qa:
                 qa.write(json.dumps({"bundle": path, **item}) + "\n")
             questions += len(p.qa)
             first = first or str(out / path)
+    os.replace(truth_path, out / "truth.jsonl")
+    os.replace(qa_path, out / "qa.jsonl")
     return {"patients": patients, "questions": questions, "seed": seed, "out": str(out), "first_bundle": first,
             "first_report": first_report}

@@ -35,7 +35,7 @@ from typing import Any
 
 from medgem.errors import InputError
 from medgem.inputs.dicom import check_regular_file
-from medgem.inputs.text import check_depth, jsonl_objects
+from medgem.inputs.text import check_depth, check_size, jsonl_objects, read_text
 
 LETTERS = "ABCDEFGHIJ"
 BUILTIN = {"handwritten": Path(__file__).resolve().parent.parent / "data" / "mcq_handwritten.jsonl"}
@@ -87,22 +87,15 @@ def _need(record: dict[str, Any], key: str, where: str) -> Any:
     return record[key]
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read as UTF-8 text ({type(exc).__name__})") from None
-
-
 def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, record) for each non-blank line; `where` is 'file:line' for error messages."""
-    for n, record in jsonl_objects(_read_text(path), lambda n: f"{path}:{n}"):
+    for n, record in jsonl_objects(read_text(path), lambda n: f"{path}:{n}"):
         yield f"{path}:{n}", record
 
 
 def _json_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """Records of a JSON list (or JSON lines); `where` names the record index or line."""
-    text = _read_text(path)
+    text = read_text(path)
     if not text.lstrip().startswith("["):
         yield from _jsonl(path)
         return
@@ -118,6 +111,7 @@ def _json_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    check_size(path)
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
             for n, row in enumerate(csv.reader(f), 1):
@@ -218,7 +212,7 @@ def _pubmedqa_item(where: str, qid: str, r: dict[str, Any]) -> Item:
 
 
 def read_pubmedqa(path: Path) -> Task:
-    text = _read_text(path)
+    text = read_text(path)
     items = []
     check_depth(text, str(path))
     try:

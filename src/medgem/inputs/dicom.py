@@ -407,9 +407,12 @@ def _colour_to_unit(ds: Dataset, stored: np.ndarray, window: Window, name: str) 
             f"{ds.PhotometricInterpretation} colour (use the default window)"
         )
     if ds.PhotometricInterpretation == "PALETTE COLOR":
-        with quiet_pydicom():
-            rgb = apply_color_lut(stored, ds)[..., :3]
-        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        try:  # pydicom raises ValueError (and others) on a missing or malformed palette
+            with quiet_pydicom():
+                rgb = apply_color_lut(stored, ds)[..., :3]
+            bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        except (ValueError, AttributeError, KeyError, IndexError, TypeError):
+            raise InputError(f"{name}: a PALETTE COLOR image without a usable palette lookup table") from None
     else:
         rgb, bits = stored, int(ds.get("BitsStored") or ds.BitsAllocated)
     return rgb.astype(np.float32) / (2**bits - 1)

@@ -8,7 +8,6 @@ fixed stratified test split, and for each n several random draws of n training i
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from medgem.errors import InputError
-from medgem.inputs.dicom import missing_path
+from medgem.inputs.text import loads_json, read_csv, read_text
 
 PATH_KEYS, LABEL_KEY = ("path", "image"), "label"
 
@@ -24,12 +23,8 @@ PATH_KEYS, LABEL_KEY = ("path", "image"), "label"
 def read_labelled(path: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
     """(image paths, labels) from a CSV with `path` (or `image`) and `label` columns."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{missing_path(path)}: no such data file")
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
     images, labels = [], []
-    for number, row in enumerate(rows, 1):
+    for number, row in enumerate(read_csv(path), 1):
         image = next((row[k] for k in PATH_KEYS if row.get(k)), None)
         if not image or not (row.get(LABEL_KEY) or "").strip():
             raise InputError(f"{path.name} row {number}: needs 'path' and 'label' values")
@@ -71,20 +66,19 @@ class Probe:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Probe:
-        from sklearn.linear_model import LogisticRegression
+        name = Path(path).name
+        d = loads_json(read_text(path), name)
+        from sklearn.linear_model import LogisticRegression  # after the checks: its import takes seconds
 
         try:
-            d = json.loads(Path(path).read_text())
-            if d.get("kind") != "medgem-linear-probe":
+            if not isinstance(d, dict) or d.get("kind") != "medgem-linear-probe":
                 raise ValueError("not a probe file")
             classifier = LogisticRegression(C=d["C"])
             classifier.classes_ = np.array(d["classes"])
             classifier.coef_, classifier.intercept_ = np.array(d["coef"]), np.array(d["intercept"])
             classifier.n_features_in_ = classifier.coef_.shape[1]
-        except FileNotFoundError:
-            raise InputError(f"{missing_path(path)}: no such probe file") from None
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InputError(f"{Path(path).name} is not a medgem probe file ({exc})") from None
+        except (ValueError, KeyError, TypeError, IndexError):  # the values are not echoed
+            raise InputError(f"{name} is not a medgem probe file") from None
         return cls(classifier, d["fingerprint"])
 
 

@@ -14,7 +14,6 @@ ends with the same weights as one that was never interrupted. The last step is s
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -28,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from medgem.errors import InputError
-from medgem.inputs.dicom import missing_path
+from medgem.inputs.text import jsonl_objects, read_csv, read_text
 from medgem.nn.siglip import sigmoid_loss
 from medgem.siglip import SiglipEncoder, load_siglip
 from medgem.weights.siglip import save_siglip
@@ -62,24 +61,13 @@ def _pick(row: dict, keys: tuple[str, ...], where: str) -> str:
 def read_pairs(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
     """(image path, caption) pairs from a CSV or JSONL file; paths resolved against the file's folder."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{missing_path(path)}: no such data file")
-    rows: list[dict] = []
     if path.suffix.lower() in (".jsonl", ".json"):
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise InputError(f"{path.name} line {number}: not valid JSON") from None
+        rows = [row for _, row in jsonl_objects(read_text(path), lambda n: f"{path.name} line {n}")]
     else:
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = read_csv(path)
     pairs = []
     for number, row in enumerate(rows, 1):
         where = f"{path.name} row {number}"
-        if not isinstance(row, dict):
-            raise InputError(f"{where}: expected an object with image and caption")
         image = Path(_pick(row, IMAGE_KEYS, where))
         pairs.append((str(image if image.is_absolute() else path.parent / image), _pick(row, CAPTION_KEYS, where)))
     if len(pairs) < 2:
@@ -119,6 +107,23 @@ def _save(enc: SiglipEncoder, optimizer, step: int, cfg: ContrastiveConfig, sour
     partial.rename(target)
 
 
+def _trim_log(path: Path, step: int) -> None:
+    """Keep the whole log lines of steps up to `step` (where training restarts): a killed run leaves lines
+    past its last checkpoint, and maybe one cut short, which the resumed run would otherwise repeat."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(kept))
+    os.replace(partial, path)
+
+
 def train_contrastive(
     model: str | os.PathLike[str],
     data: str | os.PathLike[str],
@@ -149,6 +154,7 @@ def train_contrastive(
         start = state["step"]
         logger.info("resuming contrastive training at step %d", start)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg), last_epoch=start - 1)
+    _trim_log(out / "log.jsonl", start)
     cache: dict[str, torch.Tensor] = {}
 
     def pixels(paths: list[str]) -> torch.Tensor:
@@ -176,8 +182,11 @@ def train_contrastive(
             if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 log.flush()
                 _save(enc, optimizer, step + 1, cfg, source, out / f"checkpoint-{step + 1}")
-                for old in checkpoints(out)[: -cfg.keep_checkpoints]:
-                    shutil.rmtree(old, ignore_errors=True)
+                for old in checkpoints(out)[: -cfg.keep_checkpoints]:  # renamed first: no half-deleted
+                    doomed = old.with_name(old.name + ".partial")      # folder can pass for a checkpoint
+                    shutil.rmtree(doomed, ignore_errors=True)
+                    old.rename(doomed)
+                    shutil.rmtree(doomed, ignore_errors=True)
             if on_step is not None:
                 on_step(step + 1, loss.item())
     bar.close()

@@ -155,16 +155,24 @@ class Encoder:
 # -- files -------------------------------------------------------------------------------------------
 
 
-def read_jsonl(path: str | Path, encoder: Encoder, max_len: int) -> list[Example]:
-    """Every line of a JSONL file as an Example; a bad line raises InputError naming its number.
+def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every line of a JSONL file: the size, UTF-8, depth and JSON checks, done
+    before a model is loaded so a bad file fails in milliseconds."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"training data not found: {path}")
+    return list(jsonl_objects(read_text(path), lambda n: f"{path.name} line {n}"))
+
+
+def encode_records(path: str | Path, records: list[tuple[int, dict[str, Any]]], encoder: Encoder,
+                   max_len: int) -> list[Example]:
+    """The records of `path` (read_records) as Examples; a bad line raises InputError naming its number.
 
     Examples longer than `max_len` tokens are skipped with a warning (their answers would be cut).
     """
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"training data not found: {path}")
     examples, too_long = [], 0
-    for number, record in jsonl_objects(read_text(path), lambda n: f"{path.name} line {n}"):
+    for number, record in records:
         try:
             ex = encoder.encode(record, path.parent)
         except MedgemError as exc:
@@ -180,6 +188,11 @@ def read_jsonl(path: str | Path, encoder: Encoder, max_len: int) -> list[Example
         raise InputError(f"{path.name} has no usable examples" + (f" ({too_long} exceed max_len={max_len})"
                                                                    if too_long else ""))
     return examples
+
+
+def read_jsonl(path: str | Path, encoder: Encoder, max_len: int) -> list[Example]:
+    """Every line of a JSONL file as an Example (read_records, then encode_records)."""
+    return encode_records(path, read_records(path), encoder, max_len)
 
 
 def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:

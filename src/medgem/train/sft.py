@@ -39,7 +39,17 @@ from torch import nn
 
 from medgem.errors import CheckpointError, ConfigError, InputError
 from medgem.train import curves
-from medgem.train.data import IGNORE, Batch, Encoder, Example, collate, pack, read_jsonl, split
+from medgem.train.data import (
+    IGNORE,
+    Batch,
+    Encoder,
+    Example,
+    collate,
+    encode_records,
+    pack,
+    read_records,
+    split,
+)
 from medgem.train.lora import LoraConfig, apply_lora, load_lora_state_dict, read_adapter, save_adapter
 
 log = logging.getLogger(__name__)
@@ -195,6 +205,8 @@ class Trainer:
         self.dist = init_distributed(cfg.device)
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cfg.device == "cuda" and
                                    self.dist.world > 1 else cfg.device)
+        records = read_records(train_data)  # bad data fails before seconds of model loading
+        eval_records = read_records(eval_data) if eval_data is not None else None
         if pipe is None:
             import medgem
 
@@ -203,10 +215,10 @@ class Trainer:
         self.pipe = pipe
         self.model = pipe.model
         self.encoder = Encoder(pipe.tokenizer, pipe.processor)
-        examples = read_jsonl(train_data, self.encoder, cfg.max_len)
+        examples = encode_records(train_data, records, self.encoder, cfg.max_len)
         evals: list[Example] = []
-        if eval_data is not None:
-            evals = read_jsonl(eval_data, self.encoder, cfg.max_len)
+        if eval_data is not None and eval_records is not None:
+            evals = encode_records(eval_data, eval_records, self.encoder, cfg.max_len)
         elif cfg.eval_fraction:
             examples, evals = split(examples, cfg.eval_fraction, cfg.seed)
         self.train_examples = pack(examples, cfg.max_len) if cfg.packing else examples
