@@ -80,3 +80,51 @@ def test_terminal_summary_has_subgroups_and_binned_bands(tmp_path, scripted):
     assert sum("largest gap accuracy" in line for line in lines) == 3
     report = (tmp_path / "r" / "report.html").read_text()
     assert "Binned into bands of width 20." in report and "Binned into automatic quantiles" in report
+
+
+def test_killed_eval_resumes_to_the_same_predictions(tmp_path):
+    """kill -9 in the middle of `medgem eval` on the real embedded model: the rerun finishes only what is
+    missing, and every saved prediction is whole and equal to an uninterrupted run's."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def command(out):
+        return [sys.executable, "-m", "medgem.cli", "eval", "medqa", "--data", "handwritten", "--out", str(out),
+                "--limit", "6", "--batch-size", "1", "--max-new-tokens", "8", "--quiet"]
+
+    env = dict(os.environ, MEDGEM_QUIET="1")
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    predictions = killed / "predictions.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if predictions.exists() and len(predictions.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = predictions.read_text().splitlines()
+    assert 2 <= len(saved) < 6 and not (killed / "results.json").exists()
+
+    for out in (killed, tmp_path / "fresh"):
+        done = subprocess.run(command(out), env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-500:]
+
+    def whole_rows(out):
+        """The whole JSON lines (a line torn by the kill may stay behind; the runner skips it)."""
+        rows = []
+        for line in (out / "predictions.jsonl").read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return rows
+
+    resumed, fresh = whole_rows(killed), whole_rows(tmp_path / "fresh")
+    assert len(resumed) == 6 and len({r["id"] for r in resumed}) == 6  # nothing computed twice
+    assert {r["id"]: r["raw"] for r in resumed} == {r["id"]: r["raw"] for r in fresh}
