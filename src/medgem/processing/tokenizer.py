@@ -13,10 +13,13 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medgem import cache
 from medgem.errors import CheckpointError, InputError
+
+if TYPE_CHECKING:
+    from medgem.weights.gguf_reader import GGUFIndex
 
 BOS, EOS, PAD, UNK = "<bos>", "<eos>", "<pad>", "<unk>"
 START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
@@ -198,20 +201,14 @@ class Tokenizer:
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
-    def from_gguf(cls, source, cache_dir: Path | None = None) -> Tokenizer:
-        """From a `gguf.GGUFReader`, or a `weights.gguf_reader.GGUFIndex` (whose cached SentencePiece model
-        is found by file key without parsing the vocabulary again)."""
-        index_key = getattr(source, "key", None)
-        cached = cache_dir / f"sp-v1-{index_key}.model" if cache_dir is not None and index_key else None
+    def from_gguf(cls, index: GGUFIndex, cache_dir: Path | None = None) -> Tokenizer:
+        """From a `weights.gguf_reader.GGUFIndex`, whose cached SentencePiece model is found by file key
+        without parsing the vocabulary again."""
+        cached = cache_dir / f"sp-v1-{index.key}.model" if cache_dir is not None else None
         hit = cache.read(cached) if cached is not None else None
         if hit is not None:
-            return cls(_SentencePieceBackend(hit), **_special_ids(source.metadata.get))
-        if index_key:
-            field = source.fields.get
-        else:
-            def field(key: str, default: Any = None) -> Any:
-                return source.fields[key].contents() if key in source.fields else default
-
+            return cls(_SentencePieceBackend(hit), **_special_ids(index.metadata.get))
+        field = index.fields.get
         if field("tokenizer.ggml.tokens") is None:
             raise CheckpointError("GGUF file has no tokenizer vocabulary (tokenizer.ggml.tokens)")
         model_kind = field("tokenizer.ggml.model", "llama")
