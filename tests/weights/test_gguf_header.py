@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from medgem.errors import CheckpointError
-from medgem.weights.gguf_reader import open_gguf, read_header
+from medgem.weights.gguf_reader import read_header
 
 
 def test_header_equals_the_gguf_readers_fields_and_tensors(tmp_path):
@@ -30,7 +30,7 @@ def test_header_equals_the_gguf_readers_fields_and_tensors(tmp_path):
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
     writer.close()
 
-    header, reader = read_header(path), open_gguf(path)
+    header, reader = read_header(path), gguf.GGUFReader(path)
     assert header.fields == {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     assert header.fields["t.strings"] == ["<pad>", "▁the", "ü", ""] and header.fields["t.u64"] == 2**40
     assert header.tensors == [(t.name, int(t.tensor_type), [int(d) for d in t.shape], int(t.data_offset),

@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,9 +22,6 @@ import torch
 from medgem import cache
 from medgem.errors import CheckpointError
 from medgem.weights.lazy import LazyRows
-
-if TYPE_CHECKING:
-    import gguf
 
 # llama.cpp leaf name -> our (HF) name inside a decoder layer.
 _LAYER_NAMES = {
@@ -44,23 +41,6 @@ _LAYER_NAMES = {
 }
 _TOP_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
 _BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
-
-
-def open_gguf(path: str | Path):
-    """A `gguf.GGUFReader`, with truncation and format errors turned into CheckpointError."""
-    import gguf
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"GGUF file not found: {path}")
-    try:
-        reader = gguf.GGUFReader(path)
-        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    except Exception as exc:  # the reader raises ValueError/IndexError/struct errors on bad files
-        raise CheckpointError(f"{path.name} is not a readable GGUF file (truncated or corrupt): {exc}") from exc
-    if end > path.stat().st_size:
-        raise CheckpointError(f"{path.name} is truncated: tensors end at byte {end}, file has {path.stat().st_size}")
-    return reader
 
 
 # GGUF value type -> (struct format, size) for scalars; 8 = string, 9 = array (gguf.GGUFValueType).
@@ -179,21 +159,11 @@ def read_header(path: str | Path) -> GGUFHeader:
 _VOCAB_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
 
 
-def metadata(source: gguf.GGUFReader | GGUFHeader) -> dict[str, Any]:
-    """Scalar and array fields as Python values; the big tokenizer arrays are left to the tokenizer."""
-    if isinstance(source, GGUFHeader):
-        return {(f"{k}_count" if k in _VOCAB_ARRAYS else k): (len(v) if k in _VOCAB_ARRAYS else v)
-                for k, v in source.fields.items()}
-    out: dict[str, Any] = {}
-    for key, field in source.fields.items():
-        if key in _VOCAB_ARRAYS:
-            out[f"{key}_count"] = len(field.data)
-            continue
-        try:
-            out[key] = field.contents()
-        except Exception:  # noqa: BLE001 - an unreadable optional field is simply absent
-            continue
-    return out
+def metadata(header: GGUFHeader) -> dict[str, Any]:
+    """Scalar and array fields as Python values; the big tokenizer arrays only as counts (the tokenizer
+    reads them itself)."""
+    return {(f"{k}_count" if k in _VOCAB_ARRAYS else k): (len(v) if k in _VOCAB_ARRAYS else v)
+            for k, v in header.fields.items()}
 
 
 def hf_name(gguf_name: str) -> str | None:

@@ -89,10 +89,10 @@ def mmproj_name(gguf_name: str) -> str | None:
 
 def read_mmproj(path: str | Path, dtype: torch.dtype) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata, vision + projector state dict) from a llama.cpp Gemma 3 mmproj GGUF."""
-    reader = gguf_reader.open_gguf(path)
-    meta = gguf_reader.metadata(reader)
+    index = gguf_reader.GGUFIndex.load(path)
+    meta = index.metadata
     state: dict[str, torch.Tensor] = {}
-    for tensor in reader.tensors:
+    for tensor in index.tensors:
         name = mmproj_name(tensor.name)
         if name is None:
             raise CheckpointError(f"unexpected tensor {tensor.name!r} in mmproj {Path(path).name} (not Gemma 3 vision)")
