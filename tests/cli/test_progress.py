@@ -14,6 +14,9 @@ import sys
 from medgem import progress
 
 BENCH = ["bench", "--prompt-tokens", "8", "--new-tokens", "3", "--runs", "1"]
+# Long enough that the benchmarking step outlasts the spinner's DELAY_S even on a fast CPU (CI's ran the
+# 3-token one in under 0.3 s, so it drew nothing): 3 x 48 decoded tokens take over a second anywhere.
+SLOW_BENCH = ["bench", "--prompt-tokens", "8", "--new-tokens", "48", "--runs", "2"]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -43,7 +46,7 @@ def run_on_terminal(*args: str, **env: str) -> tuple[int, str, str]:
 
 
 def test_a_slow_command_shows_what_it_waits_for_on_a_terminal():
-    code, out, shown = run_on_terminal(*BENCH)
+    code, out, shown = run_on_terminal(*SLOW_BENCH)
     assert code == 0, shown
     assert "loading the embedded Gemma 3 270M" in shown and "benchmarking" in shown
     assert "\x1b[K" in shown  # each frame redraws one line, and the last erases it
