@@ -65,6 +65,31 @@ def test_kernel_is_the_block_arithmetic_of_gguf_types(kind):
                 assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 2e-6, (k, m, dtype)
 
 
+needs_wide = pytest.mark.skipif(not (blocks.available() and blocks._wide()),
+                                reason="no AVX-512 VNNI build here (CPU, compiler or MEDGEM_BLOCKS_AVX512=0)")
+
+
+@needs_wide
+def test_avx2_build_on_an_avx512_cpu_gives_the_same_arithmetic(tmp_path):
+    """Both builds of the one source run here: the AVX2 one (what laptops get, MEDGEM_BLOCKS_AVX512=0) and
+    the 512-bit one agree within float32 rounding on every type, 1 to 9 rows."""
+    torch.manual_seed(0)
+    cases = []
+    for kind in KINDS:
+        k = 1280 if blocks.TYPES[kind][1] == 256 else 640
+        cases.append((kind, random_blocks(kind, 24, k, seed=kind), torch.randn(9, k).bfloat16()))
+    torch.save(cases, tmp_path / "cases.pt")
+    code = ("import sys, torch; from medgem.engine import blocks; cases = torch.load(sys.argv[1]);"
+            "print(blocks.kernel_name());"
+            "torch.save([blocks.linear(x, [(w, k)], torch.float32) for k, w, x in cases], sys.argv[2])")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cases.pt"), str(tmp_path / "avx2.pt")],
+                         env={**os.environ, "MEDGEM_BLOCKS_AVX512": "0"}, capture_output=True, text=True, check=True)
+    assert "AVX2" in out.stdout and "AVX-512" in blocks.kernel_name()
+    for (kind, w, x), narrow in zip(cases, torch.load(tmp_path / "avx2.pt"), strict=True):
+        wide = blocks.linear(x, [(w, kind)], torch.float32)
+        assert ((wide - narrow).abs().max() / narrow.abs().max()).item() < 2e-6, blocks.TYPES[kind][0]
+
+
 @needs_blocks
 def test_real_q4_k_q6_k_and_q5_0_tensors_of_the_270m(embedded_gguf):
     """The file's own blocks (memory-mapped) give the file's weights: no re-rounding."""

@@ -20,7 +20,11 @@
 #include <string.h>
 
 enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14 }; /* ggml's type numbers */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+#define MAX_ROWS 4      /* activation rows per pass over a weight row: AVX-512 has 32 registers */
+#else
 #define MAX_ROWS 4      /* activation rows per pass over a weight row */
+#endif
 #define AHEAD 2         /* weight rows prefetched ahead of the one being multiplied */
 #define CHUNK_BYTES (2 << 20) /* activation rows quantized and reused per pass over the weights: fits L3 */
 
@@ -212,6 +216,145 @@ static inline __attribute__((always_inline)) void dot_q8_0(const uint8_t *w, con
     ROWS_LOOP res[r] = hsum(acc[r]);
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+/* The same arithmetic in 512-bit registers where the CPU has AVX-512 VNNI (the build blocks.py makes
+   there): 64 weights an instruction, and vpdpwssd folds the 16-bit scale products into the 32-bit sums
+   (one instruction where AVX2 needs vpmaddwd and vpaddd). Integer sums are the same exact integers as
+   the AVX2 code's; only the float32 order of the final sums differs. Q4_0, Q4_1 and Q5_0 keep AVX2. */
+#define WIDE 1
+
+static const int16_t Q4K_SCALE_INDEX[4][32] = {  /* 64 weights = groups 2c, 2c+1: 16 lanes of each */
+    {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1},
+    {2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3},
+    {4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5},
+    {6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7}};
+static const int16_t Q6K_SCALE_INDEX[4][32] = {  /* 64 weights = four 16-weight scales, 8 lanes each */
+    {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
+    {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7},
+    {8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9, 10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11},
+    {12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13, 14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15}};
+
+static inline __m512i index16(const int16_t *lanes) { return _mm512_loadu_si512((const void *)lanes); }
+static inline __m512i halves16(short low, short high) { /* low in the first 16 int16 lanes, high in the rest */
+    return _mm512_inserti64x4(_mm512_set1_epi16(low), _mm256_set1_epi16(high), 1);
+}
+static inline __m512 halves_ps(float low, float high) {
+    return _mm512_insertf32x8(_mm512_set1_ps(low), _mm256_set1_ps(high), 1);
+}
+
+static inline __attribute__((always_inline)) void dot_q4_k_wide(const uint8_t *w, const Acts *a, int64_t m, int R,
+                                                                 float *res) {
+    __m512 acc[MAX_ROWS];
+    __m128 offs[MAX_ROWS];
+    const __m512i low4 = _mm512_set1_epi8(0x0F), nibble = halves16(0, 4);
+    ROW_POINTERS_K
+    ROWS_LOOP acc[r] = _mm512_setzero_ps(), offs[r] = _mm_setzero_ps();
+    for (int64_t sb = 0; sb < K / 256; sb++, w += 144) {
+        float d = half(w), dmin = half(w + 2);
+        const __m128i u = _mm_loadu_si128((const __m128i *)(w + 4)); /* as dot_q4_k unpacks them */
+        const __m128i low = _mm_and_si128(_mm_srlv_epi32(_mm_shuffle_epi32(u, 0x98), _mm_setr_epi32(0, 0, 0, 4)),
+                                          _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
+        const __m128i top = _mm_and_si128(_mm_slli_epi32(_mm_srli_epi32(_mm_shuffle_epi32(u, 0x50), 6), 4),
+                                          _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
+        const __m256i both = _mm256_cvtepu8_epi16(_mm_or_si128(low, top));
+        const __m512i scales = _mm512_castsi256_si512(both);
+        const __m128i mins = _mm256_extracti128_si256(both, 1);
+        __m512i sum[MAX_ROWS];
+        ROWS_LOOP sum[r] = _mm512_setzero_si512();
+        for (int c = 0; c < 4; c++) {  /* 32 code bytes: low nibbles group 2c, high nibbles group 2c+1 */
+            __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w + 16 + 32 * c)));
+            __m512i codes = _mm512_and_si512(_mm512_srlv_epi16(v, nibble), low4);
+            __m512i s = _mm512_permutexvar_epi16(index16(Q4K_SCALE_INDEX[c]), scales);
+            const int64_t g = sb * 8 + 2 * c;
+            ROWS_LOOP sum[r] = _mm512_dpwssd_epi32(sum[r], _mm512_maddubs_epi16(codes, _mm512_loadu_si512((const void *)X(r, g))), s);
+        }
+        ROWS_LOOP {
+            __m256i b = _mm256_loadu_si256((const __m256i *)(s16[r] + sb * 16));
+            __m128i sums32 = _mm_hadd_epi16(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+            float dx = st[r][sb];
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]), _mm512_set1_ps(d * dx), acc[r]);
+            offs[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_madd_epi16(mins, sums32)), _mm_set1_ps(dmin * dx), offs[r]);
+        }
+    }
+    ROWS_LOOP res[r] = _mm512_reduce_add_ps(acc[r]) - hsum(_mm256_castps128_ps256(offs[r]));
+}
+
+static inline __attribute__((always_inline)) void dot_q6_k_wide(const uint8_t *w, const Acts *a, int64_t m, int R,
+                                                                 float *res) {
+    __m512 acc[MAX_ROWS];
+    __m256 offs[MAX_ROWS];
+    const __m512i low4 = _mm512_set1_epi8(0x0F), high2 = _mm512_set1_epi8(0x30);
+    const __m512i up = halves16(4, 2), down = halves16(0, 2); /* where each half's 2 high bits sit in qh */
+    ROW_POINTERS_K
+    ROWS_LOOP acc[r] = _mm512_setzero_ps(), offs[r] = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < K / 256; sb++, w += 210) {
+        const uint8_t *ql = w, *qh = w + 128;
+        const __m256i scales16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 192)));
+        const __m512i scales = _mm512_castsi256_si512(scales16);
+        float d = half(w + 208);
+        __m512i sum[MAX_ROWS];
+        ROWS_LOOP sum[r] = _mm512_setzero_si512();
+        for (int h = 0; h < 2; h++) {  /* 128 weights: 64 low nibbles of ql, then its 64 high nibbles */
+            __m512i AB = _mm512_loadu_si512((const void *)(ql + 64 * h));
+            __m512i H = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(qh + 32 * h)));
+            __m512i first = _mm512_or_si512(_mm512_and_si512(AB, low4), _mm512_and_si512(_mm512_sllv_epi16(H, up), high2));
+            __m512i second = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(AB, 4), low4),
+                                             _mm512_and_si512(_mm512_srlv_epi16(H, down), high2));
+            __m512i s0 = _mm512_permutexvar_epi16(index16(Q6K_SCALE_INDEX[2 * h]), scales);
+            __m512i s1 = _mm512_permutexvar_epi16(index16(Q6K_SCALE_INDEX[2 * h + 1]), scales);
+            const int64_t g = sb * 8 + 4 * h;
+            ROWS_LOOP {
+                sum[r] = _mm512_dpwssd_epi32(sum[r], _mm512_maddubs_epi16(first, _mm512_loadu_si512((const void *)X(r, g))), s0);
+                sum[r] = _mm512_dpwssd_epi32(sum[r], _mm512_maddubs_epi16(second, _mm512_loadu_si512((const void *)X(r, g + 2))), s1);
+            }
+        }
+        ROWS_LOOP {
+            __m256i centre = _mm256_madd_epi16(scales16, _mm256_loadu_si256((const __m256i *)(s16[r] + sb * 16)));
+            float dx = st[r][sb];
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]), _mm512_set1_ps(d * dx), acc[r]);
+            offs[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(centre), _mm256_set1_ps(32.0f * d * dx), offs[r]);
+        }
+    }
+    ROWS_LOOP res[r] = _mm512_reduce_add_ps(acc[r]) - hsum(offs[r]);
+}
+
+static inline __attribute__((always_inline)) void dot_q8_0_wide(const uint8_t *w, const Acts *a, int64_t m, int R,
+                                                                 float *res) {
+    /* Signed x signed through vpdpbusd (unsigned x signed): the activation codes + 128 as unsigned bytes,
+       and the accumulator starts at -128 x (the weights' sums, 4 to a lane), so each lane is exact. */
+    __m512 acc[MAX_ROWS];
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    ROW_POINTERS
+    (void)s16;
+    ROWS_LOOP acc[r] = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 2 <= K / 32; g += 2, w += 68) {
+        __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w + 2))),
+                                       _mm256_loadu_si256((const __m256i *)(w + 36)), 1);
+        __m512i start = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, v));
+        __m512 d = halves_ps(half(w), half(w + 34));
+        ROWS_LOOP {
+            __m512i x = _mm512_xor_si512(_mm512_loadu_si512((const void *)X(r, g)), flip);
+            __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, x, v)), d);
+            acc[r] = _mm512_fmadd_ps(dot, halves_ps(STEP(r, g), STEP(r, g + 1)), acc[r]);
+        }
+    }
+    if (g < K / 32) {  /* an odd last block: the upper half is zero */
+        __m512i v = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w + 2)));
+        v = _mm512_inserti64x4(v, _mm256_setzero_si256(), 1);
+        __m512i start = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, v));
+        __m512 d = halves_ps(half(w), 0.0f);
+        ROWS_LOOP {
+            __m256i x0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)X(r, g)), _mm256_set1_epi8((char)0x80));
+            __m512i x = _mm512_inserti64x4(_mm512_castsi256_si512(x0), _mm256_setzero_si256(), 1);
+            __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, x, v)), d);
+            acc[r] = _mm512_fmadd_ps(dot, halves_ps(STEP(r, g), 0.0f), acc[r]);
+        }
+    }
+    ROWS_LOOP res[r] = _mm512_reduce_add_ps(acc[r]);
+}
+#endif
+
 /* Q4_0, Q4_1 and Q5_0: 32 weights a block, low nibbles first, then high; Q5_0 adds a fifth bit.
    Returns the unsigned codes; each weight is code * d + low. */
 static inline __m256i small_codes(const uint8_t *w, int type, int bytes, float *d, float *low) {
@@ -258,15 +401,23 @@ static inline __attribute__((always_inline)) void dot_small(const uint8_t *w, in
 static inline __attribute__((always_inline)) void dot(const uint8_t *w, int type, const Acts *a, int64_t m, int R,
                                                        float *res) {
     switch (type) {
+#ifdef WIDE
+        case Q4_K: dot_q4_k_wide(w, a, m, R, res); break;
+        case Q6_K: dot_q6_k_wide(w, a, m, R, res); break;
+        case Q8_0: dot_q8_0_wide(w, a, m, R, res); break;
+#else
         case Q4_K: dot_q4_k(w, a, m, R, res); break;
         case Q6_K: dot_q6_k(w, a, m, R, res); break;
         case Q8_0: dot_q8_0(w, a, m, R, res); break;
+#endif
         default: dot_small(w, type, a, m, R, res); break;
     }
 }
 
 static void dot1(const uint8_t *w, int type, const Acts *a, int64_t m, float *res) { dot(w, type, a, m, 1, res); }
-static void dot4(const uint8_t *w, int type, const Acts *a, int64_t m, float *res) { dot(w, type, a, m, 4, res); }
+static void dot_rows(const uint8_t *w, int type, const Acts *a, int64_t m, float *res) {
+    dot(w, type, a, m, MAX_ROWS, res);
+}
 
 static inline __m256 load8(const void *x, int bf16, int64_t i) {
     if (!bf16) return _mm256_loadu_ps((const float *)x + i);
@@ -389,9 +540,9 @@ int medgem_block_linear(const void *x, int x_bf16, int64_t M, int64_t K, int nse
                 for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char *)(w + AHEAD * bytes + b), _MM_HINT_T0);
             float res[MAX_ROWS];
             int64_t m = 0;
-            for (; m + 4 <= mc; m += 4) {
-                dot4(w, types[s], &acts, m, res);
-                for (int r = 0; r < 4; r++) store(out, out_f32, (m0 + m + r) * N + n, res[r]);
+            for (; m + MAX_ROWS <= mc; m += MAX_ROWS) {
+                dot_rows(w, types[s], &acts, m, res);
+                for (int r = 0; r < MAX_ROWS; r++) store(out, out_f32, (m0 + m + r) * N + n, res[r]);
             }
             for (; m < mc; m++) {
                 dot1(w, types[s], &acts, m, res);
