@@ -107,8 +107,10 @@ def test_real_q4_k_q6_k_and_q5_0_tensors_of_the_270m(embedded_gguf):
 
 
 @needs_blocks
-def test_rows_do_not_depend_on_their_batch():
-    """Alone, among 4, among 9, or past the kernel's chunk of activation rows: the same bits."""
+def test_rows_do_not_depend_on_their_batch(monkeypatch):
+    """Alone, among 4, among 9, or past the kernel's chunk of activation rows: the same bits (the integer
+    kernel; many-row bf16 calls may take the prefill route, tested below)."""
+    monkeypatch.setenv("MEDGEM_BLOCKS_PREFILL", "0")
     k = 8192  # a chunk is 2 MiB of codes: 256 rows here, so 300 rows take two passes
     w = {kind: random_blocks(kind, 16, k, seed=kind) for kind in KINDS}
     x = torch.randn(300, k).bfloat16()
@@ -117,6 +119,34 @@ def test_rows_do_not_depend_on_their_batch():
         for i in (0, 3, 4, 7, 255, 256, 299):
             assert torch.equal(blocks.linear(x[i:i + 1], [(weight, kind)], torch.bfloat16), batched[i:i + 1])
         assert torch.equal(blocks.linear(x[5:14], [(weight, kind)], torch.bfloat16), batched[5:14])
+
+
+@needs_blocks
+@pytest.mark.parametrize("kind", KINDS, ids=[blocks.TYPES[k][0] for k in KINDS])
+def test_dequantized_bf16_weights_are_ggufs_bitwise(kind):
+    k = 1280 if blocks.TYPES[kind][1] == 256 else 640
+    w = random_blocks(kind, 37, k, seed=kind)
+    ours = blocks.dequantize_bf16(w, kind, k)
+    assert torch.equal(ours.view(torch.int16), blocks.dequantize(w, kind).to(torch.bfloat16).view(torch.int16))
+    with pytest.raises(TypeError, match="block kernel"):
+        blocks.dequantize_bf16(w[:, :-1].contiguous(), kind, k)
+
+
+@needs_blocks
+@pytest.mark.skipif(not blocks.prefill_in_bf16(), reason="this CPU has no AVX512-BF16 or AMX")
+def test_many_rows_multiply_dequantized_tiles_in_bf16(monkeypatch):
+    """From PREFILL_ROWS bf16 rows on: q, k, v of different types in tiles smaller than a tensor (so tiles
+    and segments both have edges), within bf16 rounding of x @ (gguf's weights in bf16).T; fewer rows
+    stay on the integer kernel, bitwise."""
+    monkeypatch.setattr(blocks, "TILE_BYTES", 16 * 1024)  # 16 rows of 512
+    parts = [(random_blocks(12, 40, 512, 1), 12), (random_blocks(8, 24, 512, 2), 8), (random_blocks(14, 20, 512, 3), 14)]
+    x = torch.randn(blocks.PREFILL_ROWS + 5, 512).bfloat16()
+    y = blocks.linear(x, parts, torch.bfloat16)
+    ref = x.double() @ torch.cat([blocks.dequantize(w, kind).bfloat16() for w, kind in parts]).double().T
+    assert ((y.double() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-6 * ref.abs().max()).all()
+    few = blocks.linear(x[:blocks.PREFILL_ROWS - 1], parts, torch.bfloat16)
+    monkeypatch.setenv("MEDGEM_BLOCKS_PREFILL", "0")
+    assert torch.equal(few, blocks.linear(x, parts, torch.bfloat16)[:len(few)])
 
 
 @needs_blocks

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -55,6 +56,8 @@ def _library() -> ctypes.CDLL | None:
     P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.medgem_block_linear.argtypes = [P, INT, I64, I64, INT, P, P, P, P, INT, INT]
     lib.medgem_block_linear.restype = INT
+    lib.medgem_block_dequantize.argtypes = [P, INT, I64, I64, P, INT]
+    lib.medgem_block_dequantize.restype = INT
     return lib
 
 
@@ -77,9 +80,46 @@ def row_bytes(kind: int, in_features: int) -> int | None:
     return in_features // block * size if in_features % block == 0 else None
 
 
+# Prefill: from this many activation rows, a bf16 call dequantizes the weights a tile at a time and multiplies
+# in bf16 (oneDNN), where the CPU has AVX512-BF16 or AMX: measured at 4B shapes on AVX-512 VNNI + BF16 (Zen 5),
+# 32 rows take 0.6-1.2x the integer kernel's time and 128-512 rows 0.35-0.55x (benchmarks/scale.py). Below it
+# (decode, small batches) the integer kernel reads the blocks once, as memory bandwidth asks.
+PREFILL_ROWS = 32
+TILE_BYTES = 8 << 20  # a tile of dequantized rows: 1-8 MiB measured, 8 best (fewer, larger GEMMs)
+_tiles = threading.local()  # each thread's tile buffer, kept: a fresh 8 MiB would page-fault at every call
+
+
+def prefill_in_bf16() -> bool:
+    """Whether many-row calls take the dequantize-and-bf16-GEMM route (MEDGEM_BLOCKS_PREFILL=0: never)."""
+    return (os.environ.get("MEDGEM_BLOCKS_PREFILL", "1") != "0"
+            and bool({"avx512_bf16", "amx_bf16"} & ckernel.cpu_flags()))
+
+
+def _prefill_linear(x: torch.Tensor, segments: Sequence[tuple[torch.Tensor, int]]) -> torch.Tensor:
+    """x @ W.T in bf16 on W dequantized a tile of rows at a time (bitwise gguf's weights rounded to bf16):
+    each output is a bf16 GEMM's float32 sum of exact bf16 products, so it differs from the integer
+    kernel's (int8-rounded activations) by rounding only."""
+    k = x.shape[1]
+    out = torch.empty(x.shape[0], sum(b.shape[0] for b, _ in segments), dtype=torch.bfloat16)
+    tile_rows = max(16, TILE_BYTES // (2 * k))
+    tile = getattr(_tiles, "buffer", None)
+    if tile is None or tile.numel() < tile_rows * k:
+        tile = _tiles.buffer = torch.empty(tile_rows * k, dtype=torch.bfloat16)
+    tile = tile[:tile_rows * k].view(tile_rows, k)
+    col = 0
+    for blocks, kind in segments:
+        for start in range(0, blocks.shape[0], tile_rows):
+            part = blocks[start:start + tile_rows]
+            n = part.shape[0]
+            _dequantize_into(part, kind, k, tile)
+            out[:, col:col + n] = x @ tile[:n].T
+            col += n
+    return out
+
+
 def linear(x: torch.Tensor, segments: Sequence[tuple[torch.Tensor, int]], out_dtype: torch.dtype) -> torch.Tensor:
     """x [M, K] (bf16 or float32, dense) @ W.T, W the segments' rows stacked; each segment is
-    (blocks uint8 [rows, row_bytes], ggml type)."""
+    (blocks uint8 [rows, row_bytes], ggml type). From PREFILL_ROWS bf16 rows on, see `_prefill_linear`."""
     # The C code trusts its pointers and sizes: anything else would read or write out of bounds.
     if (x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or x.dim() != 2
             or not x.is_contiguous() or out_dtype not in (torch.float32, torch.bfloat16) or not segments):
@@ -92,6 +132,8 @@ def linear(x: torch.Tensor, segments: Sequence[tuple[torch.Tensor, int]], out_dt
             raise TypeError(f"block kernel: a weight of ggml type {kind} {tuple(blocks.shape)} {blocks.dtype} does "
                             f"not hold rows of {k} inputs (or the type is not one of {sorted(TYPES)})")
     rows = [blocks.shape[0] for blocks, _ in segments]
+    if x.shape[0] >= PREFILL_ROWS and x.dtype == out_dtype == torch.bfloat16 and prefill_in_bf16():
+        return _prefill_linear(x, segments)
     out = torch.empty(x.shape[0], sum(rows), dtype=out_dtype)
     if not x.shape[0] or not out.shape[1]:
         return out
@@ -106,6 +148,22 @@ def linear(x: torch.Tensor, segments: Sequence[tuple[torch.Tensor, int]], out_dt
     if status:
         raise TypeError(f"block kernel: refused the weights ({status})")
     return out
+
+
+def dequantize_bf16(blocks: torch.Tensor, kind: int, in_features: int) -> torch.Tensor:
+    """Blocks [rows, row_bytes] -> bf16 weights [rows, K]: gguf's dequantized floats rounded to bf16, bitwise."""
+    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or not blocks.is_contiguous() or row_bytes(kind, in_features) != blocks.shape[1]:
+        raise TypeError(f"block kernel: a weight of ggml type {kind} {tuple(blocks.shape)} does not hold rows of {in_features} inputs")
+    out = torch.empty(blocks.shape[0], in_features, dtype=torch.bfloat16)
+    if blocks.shape[0]:
+        _dequantize_into(blocks, kind, in_features, out)
+    return out
+
+
+def _dequantize_into(blocks: torch.Tensor, kind: int, in_features: int, out: torch.Tensor) -> None:
+    """The C dequantizer on checked operands: blocks' rows into the first rows of bf16 `out`."""
+    _library().medgem_block_dequantize(blocks.data_ptr(), kind, blocks.shape[0], in_features, out.data_ptr(),
+                                       torch.get_num_threads())
 
 
 @torch.library.custom_op("medgem::block_linear", mutates_args=())

@@ -493,6 +493,80 @@ static inline void store(void *out, int out_f32, int64_t i, float v) {
     ((uint16_t *)out)[i] = (uint16_t)(bits >> 16);
 }
 
+/* Dequantizing to bf16, for prefill (blocks.py: many activation rows amortize one pass over the weights,
+   and a bf16 GEMM on CPUs with AVX512-BF16 outruns the integer dots). Each weight is computed by the float32
+   operations gguf's numpy dequantizers use, in their order (Q4_K: (d*sc)*q - dmin*m; Q4_1: d*q + m; the
+   others d*q, Q6_K (d*sc)*q), then rounded to bf16 to nearest even: bitwise gguf's weights in bf16. */
+static inline void store_bf16x16(uint16_t *out, __m128i v8, float a, float c, int add) {
+    __m256 lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v8)), _mm256_set1_ps(a));
+    __m256 hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v8, 8))), _mm256_set1_ps(a));
+    if (add) lo = _mm256_add_ps(lo, _mm256_set1_ps(c)), hi = _mm256_add_ps(hi, _mm256_set1_ps(c));
+    const __m256i half_ulp = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
+    __m256i b0 = _mm256_castps_si256(lo), b1 = _mm256_castps_si256(hi);
+    b0 = _mm256_srli_epi32(_mm256_add_epi32(b0, _mm256_add_epi32(half_ulp, _mm256_and_si256(_mm256_srli_epi32(b0, 16), one))), 16);
+    b1 = _mm256_srli_epi32(_mm256_add_epi32(b1, _mm256_add_epi32(half_ulp, _mm256_and_si256(_mm256_srli_epi32(b1, 16), one))), 16);
+    __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(b0, b1), 0xd8);
+    _mm256_storeu_si256((__m256i *)out, packed);
+}
+
+static inline void store_group(uint16_t *out, __m256i v, float a, float c, int add) { /* 32 int8 codes */
+    store_bf16x16(out, _mm256_castsi256_si128(v), a, c, add);
+    store_bf16x16(out + 16, _mm256_extracti128_si256(v, 1), a, c, add);
+}
+
+static void dequantize_row(const uint8_t *w, int type, int64_t K, uint16_t *out) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    if (type == Q4_K) {
+        for (int64_t sb = 0; sb < K / 256; sb++, w += 144, out += 256) {
+            const float d = half(w), dmin = half(w + 2);
+            const uint8_t *q = w + 4;
+            for (int j = 0; j < 8; j++) {  /* llama.cpp's get_scale_min_k4 */
+                int sc = j < 4 ? q[j] & 63 : (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+                int mn = j < 4 ? q[j + 4] & 63 : (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+                __m256i v = _mm256_loadu_si256((const __m256i *)(w + 16 + 32 * (j / 2)));
+                v = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(v, 4) : v, low4);
+                store_group(out + 32 * j, v, d * (float)sc, -(dmin * (float)mn), 1);
+            }
+        }
+    } else if (type == Q6_K) {
+        for (int64_t sb = 0; sb < K / 256; sb++, w += 210, out += 256) {
+            const float d = half(w + 208);
+            const int8_t *scales = (const int8_t *)(w + 192);
+            for (int h = 0; h < 2; h++)
+                for (int part = 0; part < 4; part++) {  /* weights 128h + 32 part .. + 31 */
+                    __m256i l = _mm256_loadu_si256((const __m256i *)(w + 64 * h + 32 * (part & 1)));
+                    l = _mm256_and_si256(part >> 1 ? _mm256_srli_epi16(l, 4) : l, low4);
+                    __m256i H = _mm256_loadu_si256((const __m256i *)(w + 128 + 32 * h));
+                    H = _mm256_and_si256(_mm256_srl_epi16(H, _mm_cvtsi32_si128(2 * part)), _mm256_set1_epi8(3));
+                    __m256i v = _mm256_sub_epi8(_mm256_or_si256(l, _mm256_slli_epi16(H, 4)), _mm256_set1_epi8(32));
+                    const int i = 8 * h + 2 * part;  /* the scale of each 16 */
+                    store_bf16x16(out + 128 * h + 32 * part, _mm256_castsi256_si128(v), d * (float)scales[i], 0, 0);
+                    store_bf16x16(out + 128 * h + 32 * part + 16, _mm256_extracti128_si256(v, 1), d * (float)scales[i + 1], 0, 0);
+                }
+        }
+    } else if (type == Q8_0) {
+        for (int64_t g = 0; g < K / 32; g++, w += 34, out += 32)
+            store_group(out, _mm256_loadu_si256((const __m256i *)(w + 2)), half(w), 0, 0);
+    } else {  /* Q4_0, Q4_1, Q5_0 */
+        const int bytes = type == Q4_0 ? 18 : type == Q4_1 ? 20 : 22;
+        for (int64_t g = 0; g < K / 32; g++, w += bytes, out += 32) {
+            float d, low;
+            __m256i u = small_codes(w, type, bytes, &d, &low);
+            if (type == Q4_1) store_group(out, u, d, half(w + 2), 1);
+            else store_group(out, _mm256_sub_epi8(u, _mm256_set1_epi8(type == Q4_0 ? 8 : 16)), d, 0, 0);
+        }
+    }
+}
+
+/* rows x K weights of one type -> bf16 [rows, K]. Returns 0, or -2 for a type or K the kernel cannot take. */
+int medgem_block_dequantize(const void *weights, int type, int64_t rows, int64_t K, uint16_t *out, int threads) {
+    const int64_t bytes = row_bytes(type, K);
+    if (bytes < 0 || K % 32 || ((type == Q4_K || type == Q6_K) && K % 256)) return -2;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < rows; n++) dequantize_row((const uint8_t *)weights + n * bytes, type, K, out + n * K);
+    return 0;
+}
+
 /* out[M, N] = x[M, K] @ W.T, W the segments' rows stacked (N = sum of rows). x is bf16 or float32,
    out float32 or bf16. Returns 0, -1 when out of memory, -2 for a type or K the kernel cannot take. */
 int medgem_block_linear(const void *x, int x_bf16, int64_t M, int64_t K, int nseg, const int64_t *weights,
