@@ -16,7 +16,7 @@ published text shapes (config.TEXT_PRESETS: 1b, 4b, 27b) as f16 GGUF, streamed t
 
 Writes benchmarks/results/scale.json and prints a markdown table of ratios to llama.cpp.
 
-    python benchmarks/scale.py --sizes 4b --quants Q4_K_M,Q8_0 --workdir /tmp/scale
+    python benchmarks/scale.py --sizes 4b --quants Q4_K_M,Q8_0 --workdir /tmp/scale --rounds 3
     python benchmarks/scale.py --sizes 4b --quants Q4_K_M --engines llama.cpp,medgem-int4 --llama-python /venv/bin/python
 
 llama.cpp comes from llama-cpp-python, which may live in another environment (--llama-python; its
@@ -36,7 +36,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 THREADS = int(os.environ.get("MEDGEM_BENCH_THREADS", "2"))
-ENGINES = ["llama.cpp", "medgem-int4", "medgem-int8"]
+ENGINES = ["llama.cpp", "medgem-default", "medgem-int8"]  # also medgem-int4, medgem-gguf, medgem-none
 FTYPES = {"Q4_K_M": 15, "Q8_0": 7}  # llama.cpp's LLAMA_FTYPE_MOSTLY_* numbers
 
 
@@ -100,12 +100,14 @@ def run_medgem(path: str, mode: str, new: int, runs: int) -> dict:
 
     torch.set_num_threads(THREADS)
     start = time.perf_counter()
-    pipe = medgem.load(path, quant=mode)
+    pipe = medgem.load(path, quant=None if mode == "default" else mode)
     load_s = time.perf_counter() - start
     result = measure(timed_generation(pipe, prompt(128), new), load_s, 128, runs)
     long_first, _, _ = timed_generation(pipe, prompt(2048), 2)()
     result["prefill_2048_tok_s"] = round(2048 / long_first, 1)
-    result["kernel"] = blocks.kernel_name()
+    result["kernel"] = medgem.bench.quantized_kernel(pipe.model)
+    result["quant"] = getattr(pipe.model, "quantization", mode)
+    result["prefill_kernel"] = "bf16 GEMM on dequantized tiles" if blocks.prefill_in_bf16() else result["kernel"]
     result["peak_rss_mb"] = round(medgem.bench.peak_rss_mb(), 1)
     return result
 
@@ -159,6 +161,19 @@ def worker_result(python: str, engine: str, path: Path, new: int, runs: int) -> 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def median_result(rounds: list[dict]) -> dict:
+    """Each numeric figure's median over the rounds (the rounds themselves kept), or the first error."""
+    if any("error" in r for r in rounds):
+        return next(r for r in rounds if "error" in r)
+    out = dict(rounds[-1])
+    for key, value in rounds[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = sorted(r[key] for r in rounds if r.get(key) is not None)
+            out[key] = values[len(values) // 2] if values else None
+    out["rounds"] = rounds
+    return out
+
+
 def table(results: dict) -> str:
     lines = ["| model | engine | load s | 2nd start s | prefill 128 tok/s | prefill 2048 tok/s | decode tok/s | peak RSS GB |",
              "|---|---|---|---|---|---|---|---|"]
@@ -191,6 +206,8 @@ def main() -> None:
     ap.add_argument("--llama-python", default=os.environ.get("MEDGEM_LLAMA_PYTHON", sys.executable))
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1, help="repeat every engine this many times, interleaved; "
+                    "the table shows medians")
     ap.add_argument("--out", default=str(RESULTS / "scale.json"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--file", help=argparse.SUPPRESS)
@@ -205,15 +222,17 @@ def main() -> None:
         for quant in args.quants.split(","):
             path = checkpoint(size, quant, Path(args.workdir), args.llama_python)
             name = f"{size} {quant} ({path.stat().st_size / 1e9:.2f} GB)"
-            results[name] = {}
-            for engine in args.engines.split(","):
-                python = args.llama_python if engine == "llama.cpp" else sys.executable
-                r = worker_result(python, engine, path, args.new_tokens, args.runs)
-                if engine.startswith("medgem") and "error" not in r:  # a second fresh process: the mapped start
-                    again = worker_result(python, engine, path, 2, 1)
-                    r["second_start_s"] = again.get("load_s")
-                results[name][engine] = r
-                print(name, engine, json.dumps(r), flush=True)
+            rounds: dict[str, list[dict]] = {engine: [] for engine in args.engines.split(",")}
+            for _ in range(args.rounds):  # engines interleaved: this host's memory bandwidth drifts by minutes
+                for engine in rounds:
+                    python = args.llama_python if engine == "llama.cpp" else sys.executable
+                    r = worker_result(python, engine, path, args.new_tokens, args.runs)
+                    if engine.startswith("medgem") and "error" not in r:  # a second fresh process: the mapped start
+                        again = worker_result(python, engine, path, 2, 1)
+                        r["second_start_s"] = again.get("load_s")
+                    rounds[engine].append(r)
+                    print(name, engine, json.dumps(r), flush=True)
+            results[name] = {engine: median_result(rs) for engine, rs in rounds.items()}
     report = {"host": {"cpu": platform.processor() or platform.machine(), "threads": THREADS,
                        "cpu_count": os.cpu_count()}, "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from medgem.config import TextConfig, is_multimodal_hf_config
+from medgem.engine import blocks
 from medgem.engine.cache import KVCache
 from medgem.engine.constraints import Constraint, Grammar, Grammars
 from medgem.engine.generate import PREFILL_CHUNK, Completion, Generator, StreamEvent
@@ -427,19 +428,20 @@ def load(src: str | Path | None = None, *, mmproj: str | Path | None = None, dty
 
     A multimodal HF folder (config.json with a vision_config), or a .gguf with its llama.cpp `mmproj`
     file, loads the vision tower too, so prompts may carry images. `quant` ("int8", "int4") quantizes
-    the text decoder's weights for faster CPU decoding (activations then run in bf16). By default a CPU
-    load with no dtype asked for uses int8 (about twice the decode speed, greedy text nearly unchanged);
-    asking for a dtype, or another device, keeps dense weights.
+    the text decoder's weights for faster CPU decoding (activations then run in bf16); "gguf" keeps a GGUF's
+    quantized blocks as the file stores them. By default a CPU load with no dtype asked for uses gguf for a
+    GGUF over 1 GiB and int8 otherwise (`default_quant`); asking for a dtype, or another device, keeps dense
+    weights.
     """
     check_device(device)
-    if quant is None:
-        quant = "int8" if device == "cpu" and dtype is None else "none"
-    if quant not in QUANT_MODES:
+    if quant is not None and quant not in QUANT_MODES:
         raise InputError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANT_MODES)}")
-    if quant != "none" and device != "cpu":
+    if quant not in (None, "none") and device != "cpu":
         raise InputError("int8/int4 weight-only kernels are CPU kernels; use --quant none on GPUs")
     start = time.perf_counter()
     path = resolve_source(src)
+    if quant is None:
+        quant = default_quant(path, device, dtype)
     multimodal = mmproj is not None or (path.is_dir() and is_multimodal_hf_config(hf.read_config(path)))
     if multimodal:
         model, info = load_multimodal_model(path, dtype, device, mmproj)
@@ -465,6 +467,22 @@ def load(src: str | Path | None = None, *, mmproj: str | Path | None = None, dty
     pipe = Pipeline(model, tokenizer, text_config, name, time.perf_counter() - start, processor)
     pipe.base_model = is_base_model(path, info)
     return pipe
+
+
+# A GGUF bigger than this keeps its own blocks by default (quant "gguf"): its weights stream from DRAM every
+# token, so bytes read decide decode speed, and re-rounding a 4B's 2.5 GB of Q4_K to int8 took 65 s a start
+# and read 1.7x the bytes a token. Smaller models sit in the CPU's cache, where int8 panels run fastest
+# (the 270M: 85-89 tok/s int8 against 64-70 on its own blocks, AVX-512 VNNI, 2026-12-04).
+FILE_BLOCKS_MIN_BYTES = 1 << 30
+
+
+def default_quant(path: Path, device: str, dtype: str | None) -> str:
+    """--quant's default: none off the CPU or when a dtype is asked for; else gguf for a big GGUF whose
+    blocks the kernel reads, int8 otherwise."""
+    if device != "cpu" or dtype is not None:
+        return "none"
+    big_gguf = path.suffix == ".gguf" and path.is_file() and path.stat().st_size > FILE_BLOCKS_MIN_BYTES
+    return "gguf" if big_gguf and blocks.available() else "int8"
 
 
 def is_base_model(path: Path, info: dict[str, Any]) -> bool:

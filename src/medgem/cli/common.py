@@ -45,9 +45,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mmproj", default=None, help="llama.cpp mmproj GGUF with the vision tower")
     parser.add_argument("--dtype", default=os.environ.get("MEDGEM_DTYPE"), choices=["float32", "bfloat16"])
     parser.add_argument("--device", default=os.environ.get("MEDGEM_DEVICE", "cpu"))
-    parser.add_argument("--quant", default=os.environ.get("MEDGEM_QUANT"), choices=["none", "int8", "int4"],
-                        help="weight-only quantization of the text decoder (default: int8 on CPU unless --dtype "
-                        "is given, none elsewhere)")
+    parser.add_argument("--quant", default=os.environ.get("MEDGEM_QUANT"), choices=["none", "int8", "int4", "gguf"],
+                        help="weight-only quantization of the text decoder; gguf keeps a GGUF's blocks as stored "
+                        "(default on CPU unless --dtype is given: gguf for a GGUF over 1 GiB, else int8; none "
+                        "elsewhere)")
     parser.add_argument("--compile", action="store_true",
                         help="run the decoder through torch.compile: faster decoding after 12-70 s of compiling")
     parser.add_argument("--draft", default=None, metavar="MODEL|lookup",

@@ -30,7 +30,7 @@ from medgem.nn.text import Gemma3Text
 from medgem.weights import check_state_dict
 from medgem.weights.lazy import LazyRows
 
-QUANT_MODES = ("none", "int8", "int4")
+QUANT_MODES = ("none", "int8", "int4", "gguf")  # gguf: a GGUF's own blocks as stored, the rest int8
 ACT_DTYPE = torch.bfloat16
 
 
@@ -340,7 +340,8 @@ def _quantized(weight: torch.Tensor | LazyRows, mode: str, group_size: int,
     Q4_1, Q5_0, Q8_0, Q4_K, Q6_K) stays in the file as stored, so a Q4_K_M file keeps its 6-bit tensors'
     precision; other tensors become Q8_0 (a GGUF's other types) or Q4_1 (dense floats). In int8 mode
     everything is Q8_0, in place where the file holds Q8_0. On AVX-512 VNNI CPUs, int8 mode keeps that
-    kernel's panels (engine/vnni.py).
+    kernel's panels (engine/vnni.py). gguf mode keeps every tensor the kernel reads as stored, as int4
+    mode does, and makes the others Q8_0.
 
     Without it, PyTorch's kernels: int8, or int4 unless the file stored this tensor with more bits than
     int4 can keep. Rounding those again to 4 bits costs far more than 4-bit quantization of a dense
@@ -348,7 +349,7 @@ def _quantized(weight: torch.Tensor | LazyRows, mode: str, group_size: int,
     (benchmarks/quant_quality.py). The file's own 4-bit tensors (Q4_0, Q4_1, Q4_K) go to int4 with
     their codes as stored, at group size 32. Dense float sources are all int4.
     """
-    if blocks.available() and not (mode == "int8" and vnni.fits(*weight.shape)):
+    if blocks.available() and not (mode == "int8" and vnni.fits(*weight.shape)):  # gguf mode: always blocks
         return _block_linear(weight, mode, out_dtype)
     if _int8(weight, mode, group_size):
         if out_dtype is not None and not vnni.fits(*weight.shape):
@@ -360,7 +361,7 @@ def _quantized(weight: torch.Tensor | LazyRows, mode: str, group_size: int,
 def _block_linear(weight: torch.Tensor | LazyRows, mode: str, out_dtype: torch.dtype | None) -> blocks.BlockLinear:
     out_f, in_f = weight.shape
     stored = getattr(weight, "ggml_type", None)
-    if stored is not None and blocks.row_bytes(stored, in_f) is not None and (mode == "int4" or stored == blocks.Q8_0):
+    if stored is not None and blocks.row_bytes(stored, in_f) is not None and (mode != "int8" or stored == blocks.Q8_0):
         return blocks.BlockLinear(weight.blocks(), stored, in_f, out_dtype)
     kind = blocks.Q4_1 if mode == "int4" and getattr(weight, "stored_bits", None) is None else blocks.Q8_0
     packed = torch.empty(out_f, blocks.row_bytes(kind, in_f), dtype=torch.uint8)
@@ -372,7 +373,7 @@ def _block_linear(weight: torch.Tensor | LazyRows, mode: str, out_dtype: torch.d
 def _int8(weight: torch.Tensor | LazyRows, mode: str, group_size: int) -> bool:
     bits = getattr(weight, "stored_bits", None)
     exact = getattr(weight, "int4_group", None) == group_size
-    return mode == "int8" or (bits is not None and bits >= INT4_MAX_STORED_BITS and not exact)
+    return mode in ("int8", "gguf") or (bits is not None and bits >= INT4_MAX_STORED_BITS and not exact)
 
 
 def _check_mode(mode: str) -> None:
@@ -427,7 +428,7 @@ def load_quantized_text_model(cfg: TextConfig, tensors: Mapping[str, LazyRows], 
     """
     _check_mode(mode)
     if mode == "none":
-        raise InputError("load_quantized_text_model needs int8 or int4; load dense models with load_text_model")
+        raise InputError("load_quantized_text_model needs int8, int4 or gguf; load dense models with load_text_model")
     with torch.device("meta"):
         model = Gemma3Text(cfg)
     check_state_dict(model, {name: t.meta() for name, t in tensors.items()}, source)
