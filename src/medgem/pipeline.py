@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from medgem.config import TextConfig, is_multimodal_hf_config
-from medgem.engine import blocks
+from medgem.engine import blocks, ckernel
 from medgem.engine.cache import KVCache
 from medgem.engine.constraints import Constraint, Grammar, Grammars
 from medgem.engine.generate import PREFILL_CHUNK, Completion, Generator, StreamEvent
@@ -448,6 +448,12 @@ def load(src: str | Path | None = None, *, mmproj: str | Path | None = None, dty
         text_config = model.text_config
         if quant != "none":
             quantize_text_model(model.language_model, quant)
+        if dtype is None and device == "cpu" and ckernel.native_bf16():
+            # The quantized decoder reads bf16 activations anyway; an 896 px So400m image takes about half the
+            # float32 time in bf16 on such a CPU, its projected features within a cosine of 0.9999
+            # (benchmarks/encode.py, BENCHMARKS.md). Elsewhere bf16 is emulated and slower than float32.
+            model.vision_tower.to(torch.bfloat16)
+            model.multi_modal_projector.to(torch.bfloat16)
     elif quant != "none":  # straight from the file into int8/int4, a slice of rows at a time
         cfg, tensors, info = open_text_checkpoint(path)
         model = load_quantized_text_model(cfg, tensors, quant, path.name)

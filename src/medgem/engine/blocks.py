@@ -91,8 +91,7 @@ _tiles = threading.local()  # each thread's tile buffer, kept: a fresh 8 MiB wou
 
 def prefill_in_bf16() -> bool:
     """Whether many-row calls take the dequantize-and-bf16-GEMM route (MEDGEM_BLOCKS_PREFILL=0: never)."""
-    return (os.environ.get("MEDGEM_BLOCKS_PREFILL", "1") != "0"
-            and bool({"avx512_bf16", "amx_bf16"} & ckernel.cpu_flags()))
+    return os.environ.get("MEDGEM_BLOCKS_PREFILL", "1") != "0" and ckernel.native_bf16()
 
 
 def _prefill_linear(x: torch.Tensor, segments: Sequence[tuple[torch.Tensor, int]]) -> torch.Tensor:

@@ -41,6 +41,12 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(line.split(":", 1)[1].split())
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 matmuls beat float32 ones
+    (elsewhere PyTorch emulates bf16, slower than float32)."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
 def _openmp_runtime() -> str | None:
     """The OpenMP library this process already runs (PyTorch's), so a kernel joins its thread pool."""
     torch.get_num_threads()  # makes sure PyTorch has loaded it
