@@ -40,8 +40,9 @@ ENGINES = ["llama.cpp", "medgem-default", "medgem-int8"]  # also medgem-int4, me
 FTYPES = {"Q4_K_M": 15, "Q8_0": 7}  # llama.cpp's LLAMA_FTYPE_MOSTLY_* numbers
 
 
-def write_random_f16(size: str, path: Path) -> Path:
-    """A random-weight Gemma 3 text checkpoint at `size`'s shapes, as an f16 GGUF, one tensor at a time."""
+def write_random(size: str, path: Path, tensor_type: str = "f16") -> Path:
+    """A random-weight Gemma 3 text checkpoint at `size`'s shapes, as an f16 (or q8_0: a 27B's f16 is 54 GB)
+    GGUF, one tensor at a time."""
     import torch
 
     from medgem.config import TEXT_PRESETS
@@ -60,7 +61,7 @@ def write_random_f16(size: str, path: Path) -> Path:
         return make
 
     tensors = {k: (s, maker(i, s, k.endswith("norm.weight"))) for i, (k, s) in enumerate(shapes.items())}
-    return export_gguf_tensors(cfg, tensors, path, embedded_gguf(), "f16", name=f"random gemma3 {size}")
+    return export_gguf_tensors(cfg, tensors, path, embedded_gguf(), tensor_type, name=f"random gemma3 {size}")
 
 
 def checkpoint(size: str, quant: str, workdir: Path, llama_python: str) -> Path:
@@ -68,13 +69,23 @@ def checkpoint(size: str, quant: str, workdir: Path, llama_python: str) -> Path:
     target = workdir / f"gemma3-{size}-random-{quant}.gguf"
     if target.exists():
         return target
-    f16 = workdir / f"gemma3-{size}-random-f16.gguf"
+    # The source llama.cpp quantizes from: f16, or Q8_0 where f16 would not fit the disk (requantized, so a
+    # 27B's Q4_K_M rounds random weights twice; speed does not depend on their values).
+    source_type = "q8_0" if size == "27b" else "f16"
+    f16 = workdir / f"gemma3-{size}-random-{source_type}.gguf"
+    if source_type == "q8_0" and quant == "Q8_0":
+        f16 = target
     if not f16.exists():
         start = time.perf_counter()
-        write_random_f16(size, f16)
+        partial = f16.with_suffix(".writing")
+        write_random(size, partial, source_type)
+        partial.replace(f16)
         print(f"wrote {f16.name} in {time.perf_counter() - start:.0f} s", flush=True)
+    if f16 == target:
+        return target
     code = ("import sys, llama_cpp as l; p = l.llama_model_quantize_default_params(); p.ftype = int(sys.argv[3]);"
-            "p.nthread = int(sys.argv[4]); sys.exit(l.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))")
+            "p.nthread = int(sys.argv[4]); p.allow_requantize = True;"
+            "sys.exit(l.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))")
     start = time.perf_counter()
     partial = target.with_suffix(".partial")
     subprocess.run([llama_python, "-c", code, str(f16), str(partial), str(FTYPES[quant]), str(THREADS)], check=True)
