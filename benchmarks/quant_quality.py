@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=4096)
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--modes", default="int8,int4", help="comma-separated --quant modes (int8, int4, gguf)")
     args = ap.parse_args()
     if not TEXT_FILE.is_file():
         raise SystemExit(f"{TEXT_FILE} is missing (Debian's base-files ships it); perplexity needs a fixed text")
@@ -88,7 +89,7 @@ def main() -> None:
     results = {"float32": {"perplexity": round(perplexity(dense.model, text_ids, args.window), 4)}}
     del dense
 
-    for mode in ("int8", "int4"):
+    for mode in args.modes.split(","):
         pipe = medgem.load(quant=mode)
         free = pipe.complete(PROMPTS, raw=True, max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True)
         ppl = perplexity(pipe.model, text_ids, args.window)
@@ -99,9 +100,10 @@ def main() -> None:
             "perplexity_vs_float32": round(ppl / results["float32"]["perplexity"] - 1, 4),
         }
         print(mode, results[mode], flush=True)
-    results["int8"]["met"] = (results["int8"]["greedy_agreement"] >= 0.95
-                              and abs(results["int8"]["perplexity_vs_float32"]) <= 0.01)
-    results["int4"]["met"] = abs(results["int4"]["perplexity_vs_float32"]) <= 0.05
+    for mode, r in results.items():  # issue 5's targets: int8-like modes 95 % and 1 %, int4 5 %
+        if mode != "float32":
+            r["met"] = (abs(r["perplexity_vs_float32"]) <= 0.05 if mode == "int4" else
+                        r["greedy_agreement"] >= 0.95 and abs(r["perplexity_vs_float32"]) <= 0.01)
     out = {
         "benchmark": "quant_quality", "model": "embedded Gemma 3 270M (Q4_K_M GGUF; float32 = its dequantized weights)",
         "prompts": len(PROMPTS), "new_tokens": args.new_tokens,
