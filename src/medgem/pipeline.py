@@ -448,7 +448,7 @@ def load(src: str | Path | None = None, *, mmproj: str | Path | None = None, dty
         text_config = model.text_config
         if quant != "none":
             quantize_text_model(model.language_model, quant)
-        if dtype is None and device == "cpu" and ckernel.native_bf16():
+        if quant != "none" and dtype is None and ckernel.native_bf16():
             # The quantized decoder reads bf16 activations anyway; an 896 px So400m image takes about half the
             # float32 time in bf16 on such a CPU, its projected features within a cosine of 0.9999
             # (benchmarks/encode.py, BENCHMARKS.md). Elsewhere bf16 is emulated and slower than float32.
