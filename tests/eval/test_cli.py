@@ -128,3 +128,32 @@ def test_killed_eval_resumes_to_the_same_predictions(tmp_path):
     resumed, fresh = whole_rows(killed), whole_rows(tmp_path / "fresh")
     assert len(resumed) == 6 and len({r["id"] for r in resumed}) == 6  # nothing computed twice
     assert {r["id"]: r["raw"] for r in resumed} == {r["id"]: r["raw"] for r in fresh}
+
+
+def test_records_agent_through_medgem_eval(tmp_path):
+    """`medgem eval ehrqa --method agent` end to end on the embedded model and `ehr synth` records: results
+    with a bootstrap CI, one prediction and one tool transcript per question."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MEDGEM_QUIET="1")
+    run = [sys.executable, "-m", "medgem.cli"]
+    synth = subprocess.run([*run, "ehr", "synth", "--out", str(tmp_path / "ehr"), "--patients", "2", "--seed", "3"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert synth.returncode == 0, synth.stderr[-500:]
+    out = tmp_path / "agent"
+    done = subprocess.run([*run, "eval", "ehrqa", "--data", str(tmp_path / "ehr" / "qa.jsonl"), "--method", "agent",
+                           "--limit", "2", "--agent-steps", "2", "--max-new-tokens", "24", "--n-boot", "50",
+                           "--out", str(out), "--quiet"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-500:]
+    results = json.loads((out / "results.json").read_text())
+    assert "not a medical device" in done.stderr + done.stdout
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 2
+    transcripts = sorted((out / "transcripts").glob("*.json"))
+    assert len(transcripts) == 2 and all(json.loads(t.read_text())["id"] for t in transcripts)
+    accuracy = results["metrics"]["accuracy"]
+    assert results["method"] == "agent" and accuracy["n"] == 2
+    assert 0 <= accuracy["low"] <= accuracy["value"] <= accuracy["high"] <= 1  # the bootstrap interval
