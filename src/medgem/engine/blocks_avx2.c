@@ -98,6 +98,25 @@ static inline __m256i pair_of(__m256i scales16, int i) { /* int16 scale i in all
     return _mm256_shuffle_epi8(scales16, _mm256_set1_epi16((short)(0x0100 + 0x0202 * i)));
 }
 
+/* A Q4_K superblock's 12 bytes of 6-bit scales and mins (words u0 u1 u2) -> int16 lanes 0-7 the scales,
+   8-15 the mins, as llama.cpp unpacks them, in one register: a detour through memory would stall store
+   forwarding. */
+static inline __m256i q4_k_scales_and_mins(const uint8_t *w) {
+    const __m128i u = _mm_loadu_si128((const __m128i *)(w + 4)); /* its 4th word is codes, unused */
+    const __m128i low = _mm_and_si128(_mm_srlv_epi32(_mm_shuffle_epi32(u, 0x98), _mm_setr_epi32(0, 0, 0, 4)),
+                                      _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
+    const __m128i top = _mm_and_si128(_mm_slli_epi32(_mm_srli_epi32(_mm_shuffle_epi32(u, 0x50), 6), 4),
+                                      _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
+    return _mm256_cvtepu8_epi16(_mm_or_si128(low, top));
+}
+
+/* offs + scale * (mins times the sums of each 32 activation codes): a superblock's offset term, in 4 lanes. */
+static inline __m128 q4_k_offsets(__m128 offs, __m128i mins, const int16_t *sums16, float scale) {
+    __m256i b = _mm256_loadu_si256((const __m256i *)sums16);
+    __m128i sums32 = _mm_hadd_epi16(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+    return _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_madd_epi16(mins, sums32)), _mm_set1_ps(scale), offs);
+}
+
 static inline __attribute__((always_inline)) void dot_q4_k(const uint8_t *w, const Acts *a, int64_t m, int R,
                                                             float *res) {
     __m256 acc[MAX_ROWS];
@@ -107,14 +126,7 @@ static inline __attribute__((always_inline)) void dot_q4_k(const uint8_t *w, con
     ROWS_LOOP acc[r] = _mm256_setzero_ps(), offs[r] = _mm_setzero_ps();
     for (int64_t sb = 0; sb < K / 256; sb++, w += 144) {
         float d = half(w), dmin = half(w + 2);
-        /* 12 bytes of 6-bit scales and mins (words u0 u1 u2) -> bytes 0-7 the scales, 8-15 the mins, as
-           llama.cpp unpacks them, in one register: a detour through memory would stall store forwarding */
-        const __m128i u = _mm_loadu_si128((const __m128i *)(w + 4)); /* its 4th word is codes, unused */
-        const __m128i low = _mm_and_si128(_mm_srlv_epi32(_mm_shuffle_epi32(u, 0x98), _mm_setr_epi32(0, 0, 0, 4)),
-                                          _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
-        const __m128i top = _mm_and_si128(_mm_slli_epi32(_mm_srli_epi32(_mm_shuffle_epi32(u, 0x50), 6), 4),
-                                          _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
-        const __m256i both = _mm256_cvtepu8_epi16(_mm_or_si128(low, top));
+        const __m256i both = q4_k_scales_and_mins(w);
         const __m256i scales = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(both));
         const __m128i mins = _mm256_extracti128_si256(both, 1);
         __m256i sum[MAX_ROWS];
@@ -126,12 +138,10 @@ static inline __attribute__((always_inline)) void dot_q4_k(const uint8_t *w, con
             const int64_t g = sb * 8 + 2 * c;
             ROWS_LOOP sum[r] = _mm256_add_epi32(sum[r], _mm256_add_epi32(isum(lo, X(r, g), s_lo), isum(hi, X(r, g + 1), s_hi)));
         }
-        ROWS_LOOP {  /* mins times the sums of each 32 activation codes */
-            __m256i b = _mm256_loadu_si256((const __m256i *)(s16[r] + sb * 16));
-            __m128i sums32 = _mm_hadd_epi16(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+        ROWS_LOOP {
             float dx = st[r][sb];
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(d * dx), acc[r]);
-            offs[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_madd_epi16(mins, sums32)), _mm_set1_ps(dmin * dx), offs[r]);
+            offs[r] = q4_k_offsets(offs[r], mins, s16[r] + sb * 16, dmin * dx);
         }
     }
     ROWS_LOOP res[r] = hsum(acc[r]) - hsum(_mm256_castps128_ps256(offs[r]));
@@ -251,12 +261,7 @@ static inline __attribute__((always_inline)) void dot_q4_k_wide(const uint8_t *w
     ROWS_LOOP acc[r] = _mm512_setzero_ps(), offs[r] = _mm_setzero_ps();
     for (int64_t sb = 0; sb < K / 256; sb++, w += 144) {
         float d = half(w), dmin = half(w + 2);
-        const __m128i u = _mm_loadu_si128((const __m128i *)(w + 4)); /* as dot_q4_k unpacks them */
-        const __m128i low = _mm_and_si128(_mm_srlv_epi32(_mm_shuffle_epi32(u, 0x98), _mm_setr_epi32(0, 0, 0, 4)),
-                                          _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
-        const __m128i top = _mm_and_si128(_mm_slli_epi32(_mm_srli_epi32(_mm_shuffle_epi32(u, 0x50), 6), 4),
-                                          _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
-        const __m256i both = _mm256_cvtepu8_epi16(_mm_or_si128(low, top));
+        const __m256i both = q4_k_scales_and_mins(w);
         const __m512i scales = _mm512_castsi256_si512(both);
         const __m128i mins = _mm256_extracti128_si256(both, 1);
         __m512i sum[MAX_ROWS];
@@ -269,11 +274,9 @@ static inline __attribute__((always_inline)) void dot_q4_k_wide(const uint8_t *w
             ROWS_LOOP sum[r] = _mm512_dpwssd_epi32(sum[r], _mm512_maddubs_epi16(codes, _mm512_loadu_si512((const void *)X(r, g))), s);
         }
         ROWS_LOOP {
-            __m256i b = _mm256_loadu_si256((const __m256i *)(s16[r] + sb * 16));
-            __m128i sums32 = _mm_hadd_epi16(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
             float dx = st[r][sb];
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]), _mm512_set1_ps(d * dx), acc[r]);
-            offs[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_madd_epi16(mins, sums32)), _mm_set1_ps(dmin * dx), offs[r]);
+            offs[r] = q4_k_offsets(offs[r], mins, s16[r] + sb * 16, dmin * dx);
         }
     }
     ROWS_LOOP res[r] = _mm512_reduce_add_ps(acc[r]) - hsum(_mm256_castps128_ps256(offs[r]));
