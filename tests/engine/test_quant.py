@@ -283,3 +283,17 @@ def test_int4_keeps_the_files_own_4bit_codes(embedded_gguf, pytorch_kernels):
     model = load_quantized_text_model(cfg, tensors, "int4", embedded_gguf.name)
     layer = model.layers[3]
     assert isinstance(layer.self_attn.o_proj, Int4Linear) and isinstance(layer.self_attn.q_proj, Int8Linear)
+
+
+def test_default_quant_keeps_a_big_ggufs_blocks(tmp_path):
+    """No --quant: a GGUF over 1 GiB keeps its blocks (re-rounding a 4B took a minute a start), a small one
+    becomes int8, and a dtype or another device keeps dense weights."""
+    from medgem.pipeline import FILE_BLOCKS_MIN_BYTES, default_quant
+
+    big, small = tmp_path / "big.gguf", tmp_path / "small.gguf"
+    with big.open("wb") as f:  # sparse: no disk is written
+        f.truncate(FILE_BLOCKS_MIN_BYTES + 1)
+    small.write_bytes(b"GGUF")
+    assert default_quant(big, "cpu", None) == ("gguf" if blocks.available() else "int8")
+    assert default_quant(small, "cpu", None) == "int8" and default_quant(tmp_path, "cpu", None) == "int8"
+    assert default_quant(big, "cpu", "bfloat16") == "none" and default_quant(big, "cuda", None) == "none"
