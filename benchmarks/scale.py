@@ -72,23 +72,21 @@ def checkpoint(size: str, quant: str, workdir: Path, llama_python: str) -> Path:
     # The source llama.cpp quantizes from: f16, or Q8_0 where f16 would not fit the disk (requantized, so a
     # 27B's Q4_K_M rounds random weights twice; speed does not depend on their values).
     source_type = "q8_0" if size == "27b" else "f16"
-    f16 = workdir / f"gemma3-{size}-random-{source_type}.gguf"
-    if source_type == "q8_0" and quant == "Q8_0":
-        f16 = target
-    if not f16.exists():
+    source = target if source_type == "q8_0" and quant == "Q8_0" else workdir / f"gemma3-{size}-random-{source_type}.gguf"
+    if not source.exists():
         start = time.perf_counter()
-        partial = f16.with_suffix(".writing")
+        partial = source.with_suffix(".writing")
         write_random(size, partial, source_type)
-        partial.replace(f16)
-        print(f"wrote {f16.name} in {time.perf_counter() - start:.0f} s", flush=True)
-    if f16 == target:
+        partial.replace(source)
+        print(f"wrote {source.name} in {time.perf_counter() - start:.0f} s", flush=True)
+    if source == target:
         return target
     code = ("import sys, llama_cpp as l; p = l.llama_model_quantize_default_params(); p.ftype = int(sys.argv[3]);"
             "p.nthread = int(sys.argv[4]); p.allow_requantize = True;"
             "sys.exit(l.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))")
     start = time.perf_counter()
     partial = target.with_suffix(".partial")
-    subprocess.run([llama_python, "-c", code, str(f16), str(partial), str(FTYPES[quant]), str(THREADS)], check=True)
+    subprocess.run([llama_python, "-c", code, str(source), str(partial), str(FTYPES[quant]), str(THREADS)], check=True)
     partial.replace(target)
     print(f"quantized {target.name} with llama.cpp in {time.perf_counter() - start:.0f} s", flush=True)
     return target
